@@ -1,0 +1,7 @@
+"""Kernel-accelerated transformer engine: fused Triton/CUDA kernels behind PyTorch's own API."""
+
+from engine import nn, ops
+from engine.backend import get_backend, set_backend, use_backend
+
+__all__ = ["get_backend", "nn", "ops", "set_backend", "use_backend"]
+__version__ = "0.1.0"

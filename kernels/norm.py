@@ -1,0 +1,426 @@
+"""Fused LayerNorm and RMSNorm, optionally fused with the residual add of a pre-norm block.
+
+Forward, per row of width N (all arithmetic in fp32, statistics saved for backward):
+    h = x + residual                      (only with a residual; h is stored, rounded to its dtype)
+    LayerNorm: y = (h - mean) * rstd * w + b,   rstd = 1 / sqrt(var(h) + eps)
+    RMSNorm:   y = h * rstd * w,                rstd = 1 / sqrt(mean(h^2) + eps)
+Backward: dx = rstd * (w*dy - xhat * mean(w*dy*xhat) - mean(w*dy))   (RMSNorm drops the last term),
+plus the gradient arriving at h. dw = sum over rows of dy * xhat, db = sum of dy: each program
+keeps fp32 partial sums for its rows, then a column-sum kernel reduces them on the device.
+
+A row that fits one block (64 KiB) stays in registers. Wider rows loop over column blocks: the
+forward merges per-block moments (Chan's parallel variance) and reads the row twice; the backward
+reads it twice and accumulates its weight partials in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels._launch import check_same_device, launch, parallel_programs
+from engine.backend import interpreting
+
+NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _load_input_tile(
+    X,  # (M, N) input rows
+    R,  # (M, N) residual rows (HAS_RESIDUAL)
+    H,  # (M, N) out: X + R rounded to H's dtype (HAS_RESIDUAL)
+    rows, cols, mask,  # int64 row indices, column indices, (BLOCK_M, BLOCK_N) bounds mask
+    stride_x, stride_r, stride_h,  # row strides
+    HAS_RESIDUAL: tl.constexpr,
+):
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _normalize_store_tile(
+    Y,  # (M, N) out: normalised rows
+    W,  # (N,) weight (HAS_WEIGHT)
+    B,  # (N,) bias (HAS_BIAS)
+    x, mean, rstd,  # (BLOCK_M, BLOCK_N) fp32 tile, (BLOCK_M,) fp32 statistics
+    rows, cols, mask, col_mask,
+    stride_y,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    if IS_RMS:
+        y = x * rstd[:, None]
+    else:
+        y = (x - mean[:, None]) * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X,  # (M, N) input rows, unit column stride
+    R,  # (M, N) residual added to X before normalising (HAS_RESIDUAL)
+    H,  # (M, N) out: X + R, the new residual stream (HAS_RESIDUAL)
+    Y,  # (M, N) out: normalised rows
+    W,  # (N,) weight (HAS_WEIGHT)
+    B,  # (N,) bias (HAS_BIAS)
+    Mean,  # (M,) fp32 out: row means (LayerNorm only)
+    Rstd,  # (M,) fp32 out: reciprocal standard deviation (or root mean square) per row
+    stride_x, stride_r, stride_h, stride_y,  # row strides
+    M, N,  # rows, row width
+    eps,  # added to the variance (mean square) inside the square root
+    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows = rows.to(tl.int64)
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = _load_input_tile(X, R, H, rows, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
+        if IS_RMS:
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            square_sum = tl.sum(x * x, axis=1)
+        else:
+            mean = tl.sum(x, axis=1) / N
+            centered = tl.where(mask, x - mean[:, None], 0.0)
+            square_sum = tl.sum(centered * centered, axis=1)
+        rstd = 1.0 / tl.sqrt(square_sum / N + eps)
+        _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
+                              IS_RMS, HAS_WEIGHT, HAS_BIAS)
+    else:
+        # Pass 1: merge per-block moments; all blocks but the last hold BLOCK_N columns.
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        square_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            x = _load_input_tile(X, R, H, rows, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
+            if IS_RMS:
+                square_sum += tl.sum(x * x, axis=1)
+            else:
+                seen = start * 1.0  # columns merged so far, as fp32
+                count = tl.minimum(N - start, BLOCK_N) * 1.0
+                block_mean = tl.sum(x, axis=1) / count
+                centered = tl.where(mask, x - block_mean[:, None], 0.0)
+                delta = block_mean - mean
+                mean += delta * (count / (seen + count))
+                square_sum += tl.sum(centered * centered, axis=1) + delta * delta * (seen * count / (seen + count))
+        rstd = 1.0 / tl.sqrt(square_sum / N + eps)
+        # Pass 2: normalise, reading the (rounded) sum back when there is a residual.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_mask = cols < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            if HAS_RESIDUAL:
+                x = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
+                                  IS_RMS, HAS_WEIGHT, HAS_BIAS)
+    if not IS_RMS:
+        tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _load_grad_tile(
+    X,  # (M, N) normalised input saved by forward
+    W,  # (N,) weight (HAS_WEIGHT)
+    DY,  # (M, N) gradient of Y
+    mean, rstd,  # (BLOCK_M,) fp32 statistics
+    rows, cols, mask, col_mask,
+    stride_x, stride_dy,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """Return xhat, dy and w * dy for one tile, fp32, zero outside ``mask``."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if IS_RMS:
+        xhat = x * rstd[:, None]
+    else:
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_WEIGHT:
+        wdy = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        wdy = dy
+    return xhat, dy, wdy
+
+
+@triton.jit
+def _store_dx_tile(
+    DX,  # (M, N) out: gradient of the norm's input
+    DH,  # (M, N) gradient reaching the residual stream from elsewhere (HAS_DH)
+    xhat, wdy, c1, c2, rstd,  # tile values and per-row mean(xhat * wdy), mean(wdy), rstd
+    rows, cols, mask,
+    stride_dh, stride_dx,
+    IS_RMS: tl.constexpr, HAS_DH: tl.constexpr,
+):
+    if IS_RMS:
+        dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+    else:
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    if HAS_DH:
+        dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    X,  # (M, N) normalised input saved by forward (x, or h = x + residual)
+    W,  # (N,) weight (HAS_WEIGHT)
+    DY,  # (M, N) gradient of Y
+    DH,  # (M, N) gradient of H from the residual stream's other uses (HAS_DH)
+    DX,  # (M, N) out: gradient of X (equal to the residual's gradient)
+    DW,  # (P, N) fp32 out: this program's partial sum of dy * xhat (HAS_WEIGHT)
+    DB,  # (P, N) fp32 out: this program's partial sum of dy (HAS_BIAS)
+    Mean,  # (M,) fp32 row means (LayerNorm only)
+    Rstd,  # (M,) fp32 reciprocal standard deviations
+    stride_x, stride_dy, stride_dh, stride_dx,  # row strides
+    M, N,  # rows, row width
+    rows_per_program,  # rows [pid * rows_per_program, +rows_per_program) belong to this program
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    partials = pid.to(tl.int64) * N
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for first in range(row_start, row_end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows = rows.to(tl.int64)
+            mask = row_mask[:, None] & col_mask[None, :]
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused by RMSNorm
+            if not IS_RMS:
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
+                                            stride_x, stride_dy, IS_RMS, HAS_WEIGHT)
+            c1 = tl.sum(xhat * wdy, axis=1) / N
+            c2 = tl.sum(wdy, axis=1) / N
+            _store_dx_tile(DX, DH, xhat, wdy, c1, c2, rstd, rows, cols, mask, stride_dh, stride_dx,
+                           IS_RMS, HAS_DH)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        if HAS_WEIGHT:
+            tl.store(DW + partials + cols, dw, mask=col_mask)
+        if HAS_BIAS:
+            tl.store(DB + partials + cols, db, mask=col_mask)
+    else:
+        for first in range(row_start, row_end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows = rows.to(tl.int64)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused by RMSNorm
+            if not IS_RMS:
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            # Pass 1: the row reductions c1 = mean(xhat * w*dy), c2 = mean(w*dy).
+            c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_mask = cols < N
+                mask = row_mask[:, None] & col_mask[None, :]
+                xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
+                                                stride_x, stride_dy, IS_RMS, HAS_WEIGHT)
+                c1 += tl.sum(xhat * wdy, axis=1)
+                c2 += tl.sum(wdy, axis=1)
+            c1 = c1 / N
+            c2 = c2 / N
+            # Pass 2: dx, and the weight partials accumulated in this program's own DW/DB row.
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_mask = cols < N
+                mask = row_mask[:, None] & col_mask[None, :]
+                xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
+                                                stride_x, stride_dy, IS_RMS, HAS_WEIGHT)
+                _store_dx_tile(DX, DH, xhat, wdy, c1, c2, rstd, rows, cols, mask, stride_dh, stride_dx,
+                               IS_RMS, HAS_DH)
+                if HAS_WEIGHT:
+                    dw = tl.load(DW + partials + cols, mask=col_mask, other=0.0)
+                    tl.store(DW + partials + cols, dw + tl.sum(dy * xhat, axis=0), mask=col_mask)
+                if HAS_BIAS:
+                    db = tl.load(DB + partials + cols, mask=col_mask, other=0.0)
+                    tl.store(DB + partials + cols, db + tl.sum(dy, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _column_sum_kernel(
+    P,  # (R, N) fp32 partial sums, row-major
+    Out,  # (N,) out: column sums, cast to Out's dtype
+    R, N,  # rows of partials, columns
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for first in range(0, R, BLOCK_R):
+        rows = (first + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = (rows < R)[:, None] & col_mask[None, :]
+        acc += tl.load(P + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_mask)
+
+
+_BLOCK_BYTES = 65536  # widest row block kept in registers
+
+
+def _tiling(rows: int, width: int, element_size: int) -> dict:
+    """Block sizes and warps for (rows, width) tiles: rows share a tile when the width is small."""
+    block_n = min(triton.next_power_of_2(width), _BLOCK_BYTES // element_size)
+    tile_elements = 16384 if interpreting() else 4096  # fewer, larger programs suit the interpreter
+    block_m = min(max(1, tile_elements // block_n), triton.next_power_of_2(rows))
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SINGLE_BLOCK=width <= block_n,
+        num_warps=min(max(block_m * block_n // 256, 1), 16),
+    )
+
+
+def column_blocks(width: int, dtype: torch.dtype) -> int:
+    """How many column blocks one row of ``width`` elements of ``dtype`` is split into."""
+    return triton.cdiv(width, _tiling(1, width, torch.empty((), dtype=dtype).element_size())["BLOCK_N"])
+
+
+def _unit_stride_rows(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if t.shape != shape:
+        raise ValueError(f"norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _check_vector(name: str, t: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.shape != (width,):
+        raise ValueError(f"norm: {name} must have shape ({width},), got {tuple(t.shape)}")
+    if t.dtype not in NORM_DTYPES:
+        raise TypeError(f"norm: {name} dtype must be one of {NORM_DTYPES}, got {t.dtype}")
+    return t.contiguous()
+
+
+def norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Normalise the rows of ``x`` (M, N), after adding ``residual`` (M, N) when given.
+
+    Returns (y, h, mean, rstd): y has h's dtype (x's without a residual); h = x + residual in
+    their promoted dtype, or None; mean (None for RMSNorm) and rstd are (M,) fp32.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"norm: x must be 2-D (rows, width), got shape {tuple(x.shape)}")
+    if x.dtype not in NORM_DTYPES:
+        raise TypeError(f"norm: x dtype must be one of {NORM_DTYPES}, got {x.dtype}")
+    if rms and bias is not None:
+        raise ValueError("norm: RMSNorm takes no bias")
+    check_same_device("norm", x=x, weight=weight, bias=bias, residual=residual)
+    x = _unit_stride_rows("x", x, x.shape)
+    rows, width = x.shape
+    weight, bias = _check_vector("weight", weight, width), _check_vector("bias", bias, width)
+    h = None
+    if residual is not None:
+        if residual.dtype not in NORM_DTYPES:
+            raise TypeError(f"norm: residual dtype must be one of {NORM_DTYPES}, got {residual.dtype}")
+        residual = _unit_stride_rows("residual", residual, x.shape)
+        h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    normed = x if h is None else h
+    y = torch.empty_like(normed)
+    mean = None if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0 or width == 0:
+        if h is not None:
+            torch.add(x, residual, out=h)
+        return y, h, mean, rstd
+    tiling = _tiling(rows, width, max(x.element_size(), normed.element_size()))
+    launch(
+        "rms_norm_fwd" if rms else "layer_norm_fwd",
+        _norm_fwd_kernel,
+        (triton.cdiv(rows, tiling["BLOCK_M"]),),
+        x, residual, h, y, weight, bias, mean, rstd,
+        x.stride(0), 0 if residual is None else residual.stride(0), 0 if h is None else h.stride(0), y.stride(0),
+        rows, width, eps,
+        IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **tiling,
+    )
+    return y, h, mean, rstd
+
+
+def _column_sum(name: str, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    programs, width = partials.shape
+    out = torch.empty(width, dtype=dtype, device=partials.device)
+    block_n = min(triton.next_power_of_2(width), 256)
+    block_r = min(triton.next_power_of_2(programs), 64)
+    launch(name, _column_sum_kernel, (triton.cdiv(width, block_n),), partials, out, programs, width,
+           BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    dh: torch.Tensor | None = None,
+    *,
+    has_bias: bool,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``norm_forward`` from dy (M, N) and the saved x (h with a residual), mean, rstd.
+
+    ``dh`` (M, N) is the gradient reaching h from elsewhere; it is added to dx. Returns
+    (dx in x's dtype, dweight in weight's dtype or None, dbias in weight's dtype or None).
+    """
+    rows, width = x.shape
+    dy = _unit_stride_rows("dy", dy, x.shape)
+    dh = None if dh is None else _unit_stride_rows("dh", dh, x.shape)
+    dx = torch.empty_like(x)
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    if rows == 0 or width == 0:
+        if dh is not None:
+            dx.copy_(dh)
+        zeros = torch.zeros(width, dtype=param_dtype, device=x.device)
+        return dx, (zeros if weight is not None else None), (zeros.clone() if has_bias else None)
+    tiling = _tiling(rows, width, max(x.element_size(), dy.element_size()))
+    rows_per_program = triton.cdiv(rows, parallel_programs(x.device))
+    rows_per_program = triton.cdiv(rows_per_program, tiling["BLOCK_M"]) * tiling["BLOCK_M"]
+    programs = triton.cdiv(rows, rows_per_program)
+    new_partials = torch.empty if tiling["SINGLE_BLOCK"] else torch.zeros
+    dw = new_partials((programs, width), dtype=torch.float32, device=x.device) if weight is not None else None
+    db = new_partials((programs, width), dtype=torch.float32, device=x.device) if has_bias else None
+    name = "rms_norm" if rms else "layer_norm"
+    launch(
+        f"{name}_bwd",
+        _norm_bwd_kernel,
+        (programs,),
+        x, weight, dy, dh, dx, dw, db, mean, rstd,
+        x.stride(0), dy.stride(0), 0 if dh is None else dh.stride(0), dx.stride(0),
+        rows, width, rows_per_program,
+        IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None,
+        **tiling,
+    )
+    dweight = None if dw is None else _column_sum(f"{name}_bwd_dweight", dw, param_dtype)
+    dbias = None if db is None else _column_sum(f"{name}_bwd_dbias", db, param_dtype)
+    return dx, dweight, dbias

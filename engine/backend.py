@@ -120,7 +120,8 @@ def choose(
                 f"{op}: backend 'triton' got CPU tensors, but Triton's interpreter is off; "
                 "set TRITON_INTERPRET=1 before importing engine, or move the tensors to CUDA"
             )
-        reason = refusal(kernels()) if refusal is not None else None  # kernels() raises without Triton
+        module = kernels()  # raises, naming the import error, without Triton
+        reason = refusal(module) if refusal is not None else None
         if reason is not None:
             raise ValueError(f"{op}: the Triton kernel cannot run this call: {reason}")
         return "triton"

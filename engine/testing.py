@@ -1,0 +1,74 @@
+"""Shared by tests and benchmarks: the one tolerance table and ways to compare results.
+
+Two rules, both keyed by the dtype of the values compared:
+- ``assert_close``: within TOLERANCES (about two units in the last place of that dtype).
+- ``assert_close_to_exact``: the engine's error against a float64 computation is at most twice
+  PyTorch's own error in the same dtype, plus the tolerance. PyTorch's low-precision paths round
+  differently (sometimes worse) than the kernels, so this compares accuracy, not bit patterns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+from engine import backend
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=8e-3, rtol=1.6e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, what: str = "result") -> None:
+    """torch.testing.assert_close with the tolerance of ``expected``'s dtype; dtypes must match."""
+    torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _max_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return (value.double() - exact).abs().max().item() if value.numel() else 0.0
+
+
+def assert_close_to_exact(
+    actual: torch.Tensor, torch_value: torch.Tensor, exact: torch.Tensor, *, what: str = "result"
+) -> None:
+    """``actual`` and ``torch_value`` (same dtype) against ``exact`` (float64, same shape)."""
+    if actual.dtype != torch_value.dtype or actual.shape != torch_value.shape:
+        raise AssertionError(f"{what}: got {actual.dtype} {tuple(actual.shape)}, "
+                             f"torch gives {torch_value.dtype} {tuple(torch_value.shape)}")
+    tolerance = TOLERANCES[actual.dtype]
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    bound = 2 * _max_error(torch_value, exact) + tolerance["atol"] + tolerance["rtol"] * scale
+    error = _max_error(actual, exact)
+    if not error <= bound:  # also catches NaN
+        raise AssertionError(f"{what}: max error {error:.3g} against float64 exceeds {bound:.3g} "
+                             f"(torch's own error {_max_error(torch_value, exact):.3g})")
+
+
+def forward_backward(fn, *tensors, grads=None, dtype=None):
+    """Run ``fn`` on fresh leaf copies of ``tensors`` (None stays None; cast to ``dtype`` if given)
+    and backpropagate ``grads`` (default: seeded standard normals in each output's dtype).
+
+    Returns (outputs, grads of the non-None tensors, the output gradients used).
+    """
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype, copy=True).requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    if grads is None:
+        generator = torch.Generator(device=outs[0].device).manual_seed(0)
+        grads = [torch.randn(o.shape, device=o.device, generator=generator).to(o.dtype) for o in outs]
+    grads = [g.to(o.dtype) for g, o in zip(grads, outs)]
+    torch.autograd.backward(outs, grads)
+    return tuple(o.detach() for o in outs), [leaf.grad for leaf in leaves if leaf is not None], grads
+
+
+@contextlib.contextmanager
+def triton_launches() -> Iterator[Counter[str]]:
+    """Force the Triton backend and count the kernel launches made inside the block."""
+    with backend.use_backend("triton"), backend.kernels().count_launches() as launches:
+        yield launches

@@ -1,7 +1,9 @@
 """Shared by tests and benchmarks: the one tolerance table and ways to compare results.
 
-Two rules, both keyed by the dtype of the values compared:
-- ``assert_close``: within TOLERANCES (about two units in the last place of that dtype).
+Three rules, all keyed by the dtype of the values compared:
+- ``assert_close``: elementwise within TOLERANCES (about two units in the last place of that dtype).
+- ``assert_close_normwise``: the largest error within the tolerance scaled by the largest value;
+  for long reductions (weight gradients over thousands of rows) summed in another order.
 - ``assert_close_to_exact``: the engine's error against a float64 computation is at most twice
   PyTorch's own error in the same dtype, plus the tolerance. PyTorch's low-precision paths round
   differently (sometimes worse) than the kernels, so this compares accuracy, not bit patterns.
@@ -28,6 +30,19 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, what: str = "result") -> None:
     """torch.testing.assert_close with the tolerance of ``expected``'s dtype; dtypes must match."""
     torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype], msg=lambda m: f"{what}: {m}")
+
+
+def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, *, what: str = "result") -> None:
+    """max|actual - expected| <= atol + rtol * max|expected|, with ``expected``'s tolerance."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        raise AssertionError(f"{what}: got {actual.dtype} {tuple(actual.shape)}, "
+                             f"expected {expected.dtype} {tuple(expected.shape)}")
+    tolerance = TOLERANCES[expected.dtype]
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    error = _max_error(actual, expected.double())
+    bound = tolerance["atol"] + tolerance["rtol"] * scale
+    if not error <= bound:
+        raise AssertionError(f"{what}: max error {error:.3g} exceeds {bound:.3g} (largest value {scale:.3g})")
 
 
 def _max_error(value: torch.Tensor, exact: torch.Tensor) -> float:

@@ -1,0 +1,44 @@
+"""What every benchmark does: check correctness against eager first, then time, then record
+the work done so the report can show GB/s or TFLOP/s and the ratio to eager."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.kernels import count_launches
+from engine.testing import assert_close_normwise
+
+PROVIDERS = ("eager", "compile", "engine")
+
+
+def synchronized(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` followed by a device synchronisation, so timers see the work finish."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def check_then_time(benchmark, step: Callable, reference: Callable, device: torch.device, *,
+                    case: str, provider: str, bytes_moved: int = 0, flops: int = 0) -> None:
+    """Compare ``step()`` with ``reference()`` (normwise, tolerance table), then time ``step``.
+
+    Records in extra_info: case, provider, bytes moved / flops per call, and the kernel
+    launches of one call (0 means PyTorch's path ran).
+    """
+    with count_launches() as launches:
+        got = step()
+    expected = reference()
+    got, expected = (got, expected) if isinstance(got, (tuple, list)) else ((got,), (expected,))
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close_normwise(g, e, what=f"{case} [{provider}] output {i}")
+    benchmark.extra_info.update(case=case, provider=provider, bytes=bytes_moved, flops=flops,
+                                kernel_launches=launches.total(), device=str(device))
+    benchmark(synchronized(step, device))

@@ -1,0 +1,68 @@
+"""Run the suite through pytest-benchmark and turn its JSON into the side-by-side table.
+
+Ratio to eager is eager's median time over the provider's, for the same case measured in the
+same run: above 1 means faster than eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SUITE = Path(__file__).parent
+
+
+def run_suite(out_dir: Path, *, size: str | None = None, select: str | None = None, max_time: float = 0.5) -> tuple[int, Path]:
+    """Run every benchmark on the present device; return (pytest's exit code, the JSON path)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    json_path = out_dir / f"bench-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    args = [
+        str(SUITE), "-q", "-p", "no:cacheprovider", "--rootdir", str(SUITE),
+        f"--benchmark-json={json_path}", "--benchmark-quiet", "--benchmark-warmup=on",
+        "--benchmark-warmup-iterations=2", "--benchmark-min-rounds=5", f"--benchmark-max-time={max_time}",
+    ]
+    if size:
+        args.append(f"--bench-size={size}")
+    if select:
+        args += ["-k", select]
+    return int(pytest.main(args)), json_path
+
+
+def rows(report: dict) -> list[dict]:
+    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, launches, ratio."""
+    table = []
+    for bench in report["benchmarks"]:
+        info, median = bench["extra_info"], bench["stats"]["median"]
+        table.append(dict(
+            case=info["case"], provider=info["provider"], median_s=median,
+            gb_per_s=info["bytes"] / median / 1e9 if info.get("bytes") else None,
+            tflop_per_s=info["flops"] / median / 1e12 if info.get("flops") else None,
+            kernel_launches=info.get("kernel_launches", 0),
+        ))
+    eager = {r["case"]: r["median_s"] for r in table if r["provider"] == "eager"}
+    for r in table:
+        r["ratio_to_eager"] = eager[r["case"]] / r["median_s"] if r["case"] in eager else None
+    return sorted(table, key=lambda r: (r["case"], r["provider"]))
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(table: list[dict]) -> str:
+    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "launches", "vs eager")
+    lines = [[r["case"], r["provider"], _cell(r["median_s"] * 1e3, ".3f"), _cell(r["gb_per_s"], ".1f"),
+              _cell(r["tflop_per_s"], ".2f"), str(r["kernel_launches"]), _cell(r["ratio_to_eager"], ".2f") + "x"]
+             for r in table]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def load(json_path: Path) -> list[dict]:
+    return rows(json.loads(Path(json_path).read_text()))

@@ -14,15 +14,13 @@ class _FromTorch:
 
     @classmethod
     def from_torch(cls, module: torch.nn.Module):
-        base = cls.__mro__[2]  # the torch.nn class this one extends
+        base = next(c for c in cls.__mro__[1:] if c.__module__.startswith("torch.nn."))
         if not isinstance(module, base):
             raise TypeError(f"{cls.__name__}.from_torch expects a {base.__module__}.{base.__name__}, "
                             f"got {type(module).__name__}")
         converted = cls.__new__(cls)
-        converted.__dict__.update(module.__dict__)  # same Parameter objects, hooks and flags
-        converted._parameters = dict(module._parameters)
-        converted._buffers = dict(module._buffers)
-        converted._modules = dict(module._modules)
+        # Same Parameter objects and settings; the dicts themselves (parameters, hooks) are copies.
+        converted.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
         return converted
 
 

@@ -4,7 +4,12 @@ Launchers take 2-D row-major views and plain tensors: no autograd, no modules. E
 counted in ``LAUNCHES`` so tests and the regression gate can see which kernels ran.
 """
 
+from engine.kernels import attention, norm
 from engine.kernels._launch import LAUNCHES, count_launches
+from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
 from engine.kernels.norm import norm_backward, norm_forward
 
-__all__ = ["LAUNCHES", "count_launches", "norm_backward", "norm_forward"]
+__all__ = [
+    "LAUNCHES", "attention", "attention_backward", "attention_forward", "count_launches", "dropout_keep_mask",
+    "norm", "norm_backward", "norm_forward",
+]

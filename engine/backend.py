@@ -103,6 +103,15 @@ def _kernels_importable() -> bool:
     return True
 
 
+def capability(refusal: Callable[[ModuleType], str | None]) -> str | None:
+    """What the kernels cannot do here: ``refusal(kernels)``, or their import error."""
+    try:
+        module = kernels()
+    except RuntimeError as error:
+        return str(error)
+    return refusal(module)
+
+
 def choose(
     op: str, device: torch.device, refusal: Callable[[ModuleType], str | None] | None = None
 ) -> str:

@@ -82,8 +82,32 @@ def forward_backward(fn, *tensors, grads=None, dtype=None):
     return tuple(o.detach() for o in outs), [leaf.grad for leaf in leaves if leaf is not None], grads
 
 
+def kernel_device() -> str:
+    """Where the Triton kernels run in tests: CUDA when present, else the CPU through the interpreter."""
+    return "cuda" if torch.cuda.is_available() and not backend.interpreting() else "cpu"
+
+
 @contextlib.contextmanager
 def triton_launches() -> Iterator[Counter[str]]:
     """Force the Triton backend and count the kernel launches made inside the block."""
     with backend.use_backend("triton"), backend.kernels().count_launches() as launches:
         yield launches
+
+
+def check_against_torch(fused, reference, *tensors, names: list[str]) -> Counter[str]:
+    """Run ``fused`` with the Triton kernels forced and ``reference`` (PyTorch) in the tensors' dtype
+    and in float64, then hold every output and input gradient to ``assert_close_to_exact``.
+
+    ``names`` labels the outputs, then the gradients of the non-None tensors. Returns the kernel
+    launches of the fused run, for the caller to prove the kernels ran.
+    """
+    with triton_launches() as launches:
+        outs, grads, used = forward_backward(fused, *tensors)
+    torch_outs, torch_grads, _ = forward_backward(reference, *tensors, grads=used)
+    exact_outs, exact_grads, _ = forward_backward(reference, *tensors, grads=used, dtype=torch.float64)
+    results = [*outs, *grads]
+    if len(results) != len(names):
+        raise AssertionError(f"{len(results)} results but {len(names)} names")
+    for actual, torch_value, exact, name in zip(results, [*torch_outs, *torch_grads], [*exact_outs, *exact_grads], names):
+        assert_close_to_exact(actual, torch_value, exact, what=name)
+    return launches

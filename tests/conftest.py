@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import engine  # noqa: E402  (after TRITON_INTERPRET)
+from engine.testing import kernel_device as _kernel_device  # noqa: E402
 
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -28,7 +28,7 @@ def _default_backend():
 @pytest.fixture
 def kernel_device() -> str:
     """The device whose tensors the Triton kernels run on: CUDA, else CPU via the interpreter."""
-    return KERNEL_DEVICE
+    return _kernel_device()
 
 
 @pytest.fixture(params=DEVICES)

@@ -53,15 +53,19 @@ def attention_reference(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
     if causal is not None:
         visible = _causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
         scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
-    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
+    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1, keepdim=True)  # finite: no NaN gradients
+    probs = torch.exp(scores - lse)  # exactly 0 on empty rows
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p)
-    return probs @ value, lse.float().masked_fill(lse == float("-inf"), float("inf"))
+    return probs @ value, lse.squeeze(-1).float().masked_fill(empty.squeeze(-1), float("inf"))
 
 
 def dropout_seed(generator: torch.Generator | None = None) -> int:

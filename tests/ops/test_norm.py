@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import engine
 from engine.kernels.norm import column_blocks
-from engine.testing import assert_close, assert_close_to_exact, forward_backward, triton_launches
+from engine.testing import assert_close, check_against_torch, forward_backward, triton_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims..., width): awkward widths, 3-D input, and rows wider than one block.
@@ -38,20 +38,6 @@ def _pair(kind: str, shape, eps):
 
 def _names(weight, bias):
     return ["output", "input.grad"] + ["weight.grad"] * (weight is not None) + ["bias.grad"] * (bias is not None)
-
-
-def check_against_torch(fused, reference, *tensors, names):
-    """Run ``fused`` with the Triton kernels forced, ``reference`` (torch) in the tensors' dtype and
-    in float64; hold every output and gradient to the accuracy rule. Returns the launch counts."""
-    with triton_launches() as launches:
-        outs, grads, used = forward_backward(fused, *tensors)
-    torch_outs, torch_grads, _ = forward_backward(reference, *tensors, grads=used)
-    exact_outs, exact_grads, _ = forward_backward(reference, *tensors, grads=used, dtype=torch.float64)
-    results = [*outs, *grads]
-    assert len(results) == len(names)
-    for actual, torch_value, exact, name in zip(results, [*torch_outs, *torch_grads], [*exact_outs, *exact_grads], names):
-        assert_close_to_exact(actual, torch_value, exact, what=name)
-    return launches
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

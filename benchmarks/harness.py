@@ -26,19 +26,31 @@ def synchronized(fn: Callable, device: torch.device) -> Callable:
     return run
 
 
+def _peak_bytes(step: Callable, device: torch.device):
+    """Run ``step`` once; return (its result, the peak device memory it allocated, or None on CPU)."""
+    if device.type != "cuda":
+        return step(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = step()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - before
+
+
 def check_then_time(benchmark, step: Callable, reference: Callable, device: torch.device, *,
                     case: str, provider: str, bytes_moved: int = 0, flops: int = 0) -> None:
     """Compare ``step()`` with ``reference()`` (normwise, tolerance table), then time ``step``.
 
-    Records in extra_info: case, provider, bytes moved / flops per call, and the kernel
-    launches of one call (0 means PyTorch's path ran).
+    Records in extra_info: case, provider, bytes moved / flops per call, the kernel launches of
+    one call (0 means PyTorch's path ran) and, on CUDA, the peak memory one call allocates.
     """
     with count_launches() as launches:
-        got = step()
+        got, peak = _peak_bytes(step, device)
     expected = reference()
     got, expected = (got, expected) if isinstance(got, (tuple, list)) else ((got,), (expected,))
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close_normwise(g, e, what=f"{case} [{provider}] output {i}")
     benchmark.extra_info.update(case=case, provider=provider, bytes=bytes_moved, flops=flops,
-                                kernel_launches=launches.total(), device=str(device))
+                                kernel_launches=launches.total(), peak_bytes=peak, device=str(device))
     benchmark(synchronized(step, device))

@@ -34,7 +34,8 @@ def run_suite(out_dir: Path, *, size: str | None = None, select: str | None = No
 
 
 def rows(report: dict) -> list[dict]:
-    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, launches, ratio."""
+    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, launches, peak MiB
+    (CUDA only), ratio to eager."""
     table = []
     for bench in report["benchmarks"]:
         info, median = bench["extra_info"], bench["stats"]["median"]
@@ -43,6 +44,7 @@ def rows(report: dict) -> list[dict]:
             gb_per_s=info["bytes"] / median / 1e9 if info.get("bytes") else None,
             tflop_per_s=info["flops"] / median / 1e12 if info.get("flops") else None,
             kernel_launches=info.get("kernel_launches", 0),
+            peak_mib=info["peak_bytes"] / 2**20 if info.get("peak_bytes") is not None else None,
         ))
     eager = {r["case"]: r["median_s"] for r in table if r["provider"] == "eager"}
     for r in table:
@@ -55,9 +57,10 @@ def _cell(value, fmt: str) -> str:
 
 
 def format_table(table: list[dict]) -> str:
-    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "launches", "vs eager")
+    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "peak MiB", "launches", "vs eager")
     lines = [[r["case"], r["provider"], _cell(r["median_s"] * 1e3, ".3f"), _cell(r["gb_per_s"], ".1f"),
-              _cell(r["tflop_per_s"], ".2f"), str(r["kernel_launches"]), _cell(r["ratio_to_eager"], ".2f") + "x"]
+              _cell(r["tflop_per_s"], ".2f"), _cell(r.get("peak_mib"), ".1f"), str(r["kernel_launches"]),
+              _cell(r["ratio_to_eager"], ".2f") + "x"]
              for r in table]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

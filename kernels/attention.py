@@ -80,10 +80,12 @@ def _sequence_bounds(
     IS_VARLEN: tl.constexpr,
 ):
     """(first token, length) of this batch entry's sequence."""
+    start = 0
+    length = max_seqlen
     if IS_VARLEN:
         start = tl.load(CuSeqlens + batch)
-        return start, tl.load(CuSeqlens + batch + 1) - start
-    return 0, max_seqlen
+        length = tl.load(CuSeqlens + batch + 1) - start
+    return start, length
 
 
 @triton.jit

@@ -390,3 +390,17 @@ def test_head_dim_over_256_is_refused_by_the_kernel(kernel_device):
         flash_attention(q, k, v)
     with engine.use_backend("torch"):
         assert flash_attention(q, k, v).shape == q.shape
+
+
+def test_fp32_products_are_ieee_unless_tf32_is_allowed():
+    from engine.kernels.attention import _dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert _dot_precision(torch.float32) == "ieee" and _dot_precision(torch.float16) == "ieee"
+        matmul.allow_tf32 = True
+        assert _dot_precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = previous

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from engine.kernels import count_launches
-from engine.testing import assert_close_normwise
+from engine.testing import assert_close_normwise, assert_close_to_exact
 
 PROVIDERS = ("eager", "compile", "engine")
 
@@ -39,8 +39,10 @@ def _peak_bytes(step: Callable, device: torch.device):
 
 
 def check_then_time(benchmark, step: Callable, reference: Callable, device: torch.device, *,
-                    case: str, provider: str, bytes_moved: int = 0, flops: int = 0) -> None:
-    """Compare ``step()`` with ``reference()`` (normwise, tolerance table), then time ``step``.
+                    case: str, provider: str, bytes_moved: int = 0, flops: int = 0,
+                    exact: Callable | None = None) -> None:
+    """Compare ``step()`` with ``reference()`` (normwise, tolerance table; or, given ``exact()``
+    in float64, no further from it than twice the reference's error), then time ``step``.
 
     Records in extra_info: case, provider, bytes moved / flops per call, the kernel launches of
     one call (0 means PyTorch's path ran) and, on CUDA, the peak memory one call allocates.
@@ -49,8 +51,12 @@ def check_then_time(benchmark, step: Callable, reference: Callable, device: torc
         got, peak = _peak_bytes(step, device)
     expected = reference()
     got, expected = (got, expected) if isinstance(got, (tuple, list)) else ((got,), (expected,))
+    exact_values = None if exact is None else exact()
     for i, (g, e) in enumerate(zip(got, expected)):
-        assert_close_normwise(g, e, what=f"{case} [{provider}] output {i}")
+        if exact_values is None:
+            assert_close_normwise(g, e, what=f"{case} [{provider}] output {i}")
+        else:
+            assert_close_to_exact(g, e, exact_values[i], what=f"{case} [{provider}] output {i}")
     benchmark.extra_info.update(case=case, provider=provider, bytes=bytes_moved, flops=flops,
                                 kernel_launches=launches.total(), peak_bytes=peak, device=str(device))
     benchmark(synchronized(step, device))

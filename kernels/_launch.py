@@ -1,34 +1,19 @@
-"""Launch bookkeeping shared by every launcher: the launch counter and device heuristics."""
+"""Launch bookkeeping shared by every launcher: counted launches and device heuristics."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections import Counter
-from collections.abc import Iterator
 
 import torch
 
 from engine.backend import interpreting
-
-LAUNCHES: Counter[str] = Counter()
+from engine.launches import LAUNCHES, count_launches, record  # noqa: F401  (re-exported)
 
 
 def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     """Launch ``kernel`` on ``grid`` and count it under ``name``."""
     kernel[grid](*args, **meta)
-    LAUNCHES[name] += 1
-
-
-@contextlib.contextmanager
-def count_launches() -> Iterator[Counter[str]]:
-    """Counter of the kernel launches made inside the ``with`` block, filled when it exits."""
-    before = LAUNCHES.copy()
-    counts: Counter[str] = Counter()
-    try:
-        yield counts
-    finally:
-        counts.update(LAUNCHES - before)
+    record(name)
 
 
 @functools.lru_cache(maxsize=None)

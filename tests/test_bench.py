@@ -30,7 +30,7 @@ def test_rows_give_bandwidth_and_ratio_to_eager_of_the_same_case():
 def test_engine_bench_runs_and_writes_json(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-m", "engine", "bench", "--select", "norm and not compile", "--max-time", "0.02", "--out", str(tmp_path)],
+        [sys.executable, "-m", "engine", "bench", "--select", "test_norm and not compile", "--max-time", "0.02", "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,156 @@
+// Python bindings: every tensor check happens here, with messages that name the argument; the
+// kernels behind them take raw pointers.
+#include <torch/extension.h>
+
+#ifdef ENGINE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <vector>
+
+#include "multi_tensor.h"
+
+namespace {
+
+using TensorList = std::vector<at::Tensor>;
+
+engine::DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return engine::DType::Float32;
+    case at::kHalf: return engine::DType::Float16;
+    case at::kBFloat16: return engine::DType::BFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// Every tensor of `list` on `device`, of `dtype`, contiguous, and (when `like` is given) with
+// as many elements as like[i]. Returns the data pointers.
+std::vector<void*> checked(const TensorList& list, const char* name, const at::Device& device, at::ScalarType dtype,
+                           const TensorList* like = nullptr) {
+  if (like) TORCH_CHECK(list.size() == like->size(), name, " has ", list.size(), " tensors, expected ", like->size());
+  std::vector<void*> pointers;
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.device() == device, name, "[", i, "] is on ", t.device(), ", expected ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, name, "[", i, "] is ", t.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
+    TORCH_CHECK(!t.is_sparse(), name, "[", i, "] must be dense");
+    if (like) TORCH_CHECK(t.numel() == (*like)[i].numel(), name, "[", i, "] has ", t.numel(), " elements, expected ",
+                          (*like)[i].numel());
+    pointers.push_back(t.data_ptr());
+  }
+  return pointers;
+}
+
+std::vector<int64_t> sizes_of(const TensorList& list) {
+  std::vector<int64_t> sizes;
+  for (const auto& t : list) sizes.push_back(t.numel());
+  return sizes;
+}
+
+#ifdef ENGINE_WITH_CUDA
+void* stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
+#endif
+
+void require_cuda_build(const at::Device& device) {
+#ifndef ENGINE_WITH_CUDA
+  TORCH_CHECK(!device.is_cuda(), "this build of the engine extension has no CUDA kernels");
+#endif
+}
+
+void adamw_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, double beta2, double one_minus_beta1,
+                double one_minus_beta2, double eps, double weight_decay_factor, double step_size,
+                double bias_correction2_sqrt, bool maximize, bool amsgrad) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const at::ScalarType dtype = params[0].scalar_type();
+  const engine::DType kind = dtype_of(params[0], "params[0]");
+  auto p = checked(params, "params", device, dtype);
+  auto g = checked(grads, "grads", device, dtype, &params);
+  auto m = checked(exp_avgs, "exp_avgs", device, at::kFloat, &params);
+  auto v = checked(exp_avg_sqs, "exp_avg_sqs", device, at::kFloat, &params);
+  std::vector<void*> v_max;
+  if (amsgrad) v_max = checked(max_exp_avg_sqs, "max_exp_avg_sqs", device, at::kFloat, &params);
+  const auto sizes = sizes_of(params);
+  std::vector<const void*> g_const(g.begin(), g.end());
+  std::vector<float*> m_f, v_f, v_max_f;
+  for (auto* x : m) m_f.push_back(static_cast<float*>(x));
+  for (auto* x : v) v_f.push_back(static_cast<float*>(x));
+  for (auto* x : v_max) v_max_f.push_back(static_cast<float*>(x));
+  const engine::AdamWTensors tensors{static_cast<int>(params.size()), p.data(), g_const.data(), m_f.data(), v_f.data(),
+                                     amsgrad ? v_max_f.data() : nullptr, sizes.data(), kind};
+  const engine::AdamWHyper hyper{static_cast<float>(beta2), static_cast<float>(one_minus_beta1),
+                                 static_cast<float>(one_minus_beta2), static_cast<float>(eps),
+                                 static_cast<float>(weight_decay_factor), static_cast<float>(step_size),
+                                 static_cast<float>(bias_correction2_sqrt), maximize, amsgrad};
+  require_cuda_build(device);
+#ifdef ENGINE_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(device);
+    engine::adamw_cuda(tensors, hyper, stream_of(device));
+    return;
+  }
+#endif
+  engine::adamw_cpu(tensors, hyper);
+}
+
+at::Tensor multi_tensor_norm(const TensorList& tensors, bool inf_norm) {
+  TORCH_CHECK(!tensors.empty(), "multi_tensor_norm: tensors must not be empty");
+  const at::Device device = tensors[0].device();
+  const engine::DType kind = dtype_of(tensors[0], "tensors[0]");
+  auto data = checked(tensors, "tensors", device, tensors[0].scalar_type());
+  const auto sizes = sizes_of(tensors);
+  const engine::TensorsView view{static_cast<int>(tensors.size()), data.data(), sizes.data(), kind};
+  auto options = tensors[0].options().dtype(at::kFloat);
+  require_cuda_build(device);
+#ifdef ENGINE_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(device);
+    at::Tensor workspace = at::empty({std::max<int64_t>(1, engine::norm_workspace_size(view))}, options);
+    at::Tensor out = at::empty({}, options);
+    engine::norm_cuda(view, inf_norm, workspace.data_ptr<float>(), out.data_ptr<float>(), stream_of(device));
+    return out;
+  }
+#endif
+  return at::full({}, engine::norm_cpu(view, inf_norm), options);
+}
+
+void multi_tensor_scale_(const TensorList& tensors, const at::Tensor& coef) {
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK(coef.device() == device && coef.scalar_type() == at::kFloat && coef.numel() == 1,
+              "coef must be a one-element float32 tensor on ", device);
+  const engine::DType kind = dtype_of(tensors[0], "tensors[0]");
+  auto data = checked(tensors, "tensors", device, tensors[0].scalar_type());
+  const auto sizes = sizes_of(tensors);
+  const engine::TensorsView view{static_cast<int>(tensors.size()), data.data(), sizes.data(), kind};
+  require_cuda_build(device);
+#ifdef ENGINE_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(device);
+    engine::scale_cuda(view, coef.data_ptr<float>(), stream_of(device));
+    return;
+  }
+#endif
+  engine::scale_cpu(view, coef.item<float>());
+}
+
+bool cuda_built() {
+#ifdef ENGINE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Multi-tensor AdamW, norm and scale: CUDA kernels and their OpenMP CPU twins";
+  m.def("adamw_step", &adamw_step, "One AdamW step over lists of same-device, same-dtype tensors");
+  m.def("multi_tensor_norm", &multi_tensor_norm, "L2 (or inf) norm over every element of a list, as a float32 scalar");
+  m.def("multi_tensor_scale_", &multi_tensor_scale_, "Multiply every tensor in place by a float32 scalar tensor");
+  m.def("cuda_built", &cuda_built, "Whether this build has the CUDA kernels");
+}

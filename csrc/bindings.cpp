@@ -49,6 +49,22 @@ std::vector<int64_t> sizes_of(const TensorList& list) {
   return sizes;
 }
 
+// A checked list of same-device, same-dtype tensors and the view the kernels take.
+struct CheckedList {
+  std::vector<void*> data;
+  std::vector<int64_t> sizes;
+  engine::DType dtype;
+  at::Device device;
+  engine::TensorsView view() const { return {static_cast<int>(data.size()), data.data(), sizes.data(), dtype}; }
+};
+
+CheckedList checked_list(const TensorList& tensors, const char* name) {
+  TORCH_CHECK(!tensors.empty(), name, " must not be empty");
+  const at::Device device = tensors[0].device();
+  return {checked(tensors, name, device, tensors[0].scalar_type()), sizes_of(tensors), dtype_of(tensors[0], name),
+          device};
+}
+
 #ifdef ENGINE_WITH_CUDA
 void* stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
 #endif
@@ -97,44 +113,36 @@ void adamw_step(const TensorList& params, const TensorList& grads, const TensorL
 }
 
 at::Tensor multi_tensor_norm(const TensorList& tensors, bool inf_norm) {
-  TORCH_CHECK(!tensors.empty(), "multi_tensor_norm: tensors must not be empty");
-  const at::Device device = tensors[0].device();
-  const engine::DType kind = dtype_of(tensors[0], "tensors[0]");
-  auto data = checked(tensors, "tensors", device, tensors[0].scalar_type());
-  const auto sizes = sizes_of(tensors);
-  const engine::TensorsView view{static_cast<int>(tensors.size()), data.data(), sizes.data(), kind};
+  const CheckedList list = checked_list(tensors, "tensors");
   auto options = tensors[0].options().dtype(at::kFloat);
-  require_cuda_build(device);
+  require_cuda_build(list.device);
 #ifdef ENGINE_WITH_CUDA
-  if (device.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(device);
-    at::Tensor workspace = at::empty({std::max<int64_t>(1, engine::norm_workspace_size(view))}, options);
+  if (list.device.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(list.device);
+    at::Tensor workspace = at::empty({std::max<int64_t>(1, engine::norm_workspace_size(list.view()))}, options);
     at::Tensor out = at::empty({}, options);
-    engine::norm_cuda(view, inf_norm, workspace.data_ptr<float>(), out.data_ptr<float>(), stream_of(device));
+    engine::norm_cuda(list.view(), inf_norm, workspace.data_ptr<float>(), out.data_ptr<float>(),
+                      stream_of(list.device));
     return out;
   }
 #endif
-  return at::full({}, engine::norm_cpu(view, inf_norm), options);
+  return at::full({}, engine::norm_cpu(list.view(), inf_norm), options);
 }
 
 void multi_tensor_scale_(const TensorList& tensors, const at::Tensor& coef) {
   if (tensors.empty()) return;
-  const at::Device device = tensors[0].device();
-  TORCH_CHECK(coef.device() == device && coef.scalar_type() == at::kFloat && coef.numel() == 1,
-              "coef must be a one-element float32 tensor on ", device);
-  const engine::DType kind = dtype_of(tensors[0], "tensors[0]");
-  auto data = checked(tensors, "tensors", device, tensors[0].scalar_type());
-  const auto sizes = sizes_of(tensors);
-  const engine::TensorsView view{static_cast<int>(tensors.size()), data.data(), sizes.data(), kind};
-  require_cuda_build(device);
+  const CheckedList list = checked_list(tensors, "tensors");
+  TORCH_CHECK(coef.device() == list.device && coef.scalar_type() == at::kFloat && coef.numel() == 1,
+              "coef must be a one-element float32 tensor on ", list.device);
+  require_cuda_build(list.device);
 #ifdef ENGINE_WITH_CUDA
-  if (device.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(device);
-    engine::scale_cuda(view, coef.data_ptr<float>(), stream_of(device));
+  if (list.device.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(list.device);
+    engine::scale_cuda(list.view(), coef.data_ptr<float>(), stream_of(list.device));
     return;
   }
 #endif
-  engine::scale_cpu(view, coef.item<float>());
+  engine::scale_cpu(list.view(), coef.item<float>());
 }
 
 bool cuda_built() {

@@ -93,6 +93,21 @@ __global__ void adamw_kernel(ChunkTable table, AdamWHyper h) {
   }
 }
 
+// The block's sum of `value` (its max when inf_norm), returned to every thread.
+__device__ float block_reduce(float value, bool inf_norm) {
+  __shared__ float shared[kThreads];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      const float other = shared[threadIdx.x + stride];
+      shared[threadIdx.x] = inf_norm ? fmaxf(shared[threadIdx.x], other) : shared[threadIdx.x] + other;
+    }
+    __syncthreads();
+  }
+  return shared[0];
+}
+
 // One partial per block: sum of squares, or max |x|, of its chunk.
 template <typename T>
 __global__ void norm_partial_kernel(ChunkTable table, bool inf_norm, float* partials) {
@@ -103,36 +118,18 @@ __global__ void norm_partial_kernel(ChunkTable table, bool inf_norm, float* part
   float acc = 0.0f;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float value = to_float(x[i]);
-    acc = inf_norm ? fmaxf(acc, fabsf(value)) : acc + value * value;
+    acc = inf_norm ? fmaxf(acc, fabsf(value)) : fmaf(value, value, acc);
   }
-  __shared__ float shared[kThreads];
-  shared[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      const float other = shared[threadIdx.x + stride];
-      shared[threadIdx.x] = inf_norm ? fmaxf(shared[threadIdx.x], other) : shared[threadIdx.x] + other;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[blockIdx.x] = shared[0];
+  const float total = block_reduce(acc, inf_norm);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 __global__ void norm_finish_kernel(const float* partials, int64_t count, bool inf_norm, float* out) {
   float acc = 0.0f;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x)
     acc = inf_norm ? fmaxf(acc, partials[i]) : acc + partials[i];
-  __shared__ float shared[kThreads];
-  shared[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      const float other = shared[threadIdx.x + stride];
-      shared[threadIdx.x] = inf_norm ? fmaxf(shared[threadIdx.x], other) : shared[threadIdx.x] + other;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[0] = inf_norm ? shared[0] : sqrtf(shared[0]);
+  const float total = block_reduce(acc, inf_norm);
+  if (threadIdx.x == 0) out[0] = inf_norm ? total : sqrtf(total);
 }
 
 template <typename T>

@@ -89,6 +89,41 @@ def _sequence_bounds(
 
 
 @triton.jit
+def _sequences(
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 (IS_VARLEN)
+    batch, max_seqlen_q, max_seqlen_k,
+    IS_VARLEN: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr,
+):
+    """(q_start, seqlen_q, k_start, seqlen_k, causal_offset) of this batch entry."""
+    q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = _sequence_bounds(CuSeqlensK, batch, max_seqlen_k, IS_VARLEN)
+    causal_offset = 0
+    if CAUSAL_BOTTOM_RIGHT:
+        causal_offset = seqlen_k - seqlen_q
+    return q_start, seqlen_q, k_start, seqlen_k, causal_offset
+
+
+@triton.jit
+def _load_tile(
+    Base,  # pointer to this (batch, head)'s first token
+    tokens,  # (BLOCK,) int64 token indices
+    stride,  # token stride
+    dims, mask,  # (BLOCK_D,) head-dim indices, (BLOCK, BLOCK_D) bounds mask
+):
+    """(BLOCK, BLOCK_D) rows of a (tokens, head_dim) matrix, zeros outside ``mask``."""
+    return tl.load(Base + tokens[:, None] * stride + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One past the last key any query of block pid_m may see."""
+    end = seqlen_k
+    if IS_CAUSAL:
+        end = tl.maximum(tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + causal_offset), 0)
+    return end
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, Hq, Sq, D), or (total_q, Hq, D) packed
     K,  # (B, Hkv, Sk, D), or (total_k, Hkv, D) packed
@@ -115,19 +150,16 @@ def _attn_fwd_kernel(
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
-    q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, IS_VARLEN)
-    k_start, seqlen_k = _sequence_bounds(CuSeqlensK, batch, max_seqlen_k, IS_VARLEN)
-    causal_offset = 0
-    if CAUSAL_BOTTOM_RIGHT:
-        causal_offset = seqlen_k - seqlen_q
+    q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
+        CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k, IS_VARLEN, CAUSAL_BOTTOM_RIGHT)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_in_block = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
     row_mask = rows < seqlen_q
-    q_ptrs = Q + batch.to(tl.int64) * stride_qb + head * stride_qh + (q_start + rows).to(tl.int64)[:, None] * stride_qs
-    q = tl.load(q_ptrs + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    q_tokens = (q_start + rows).to(tl.int64)
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh, q_tokens, stride_qs, dims,
+                   row_mask[:, None] & dim_mask[None, :])
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
     mask_offset = batch.to(tl.int64) * stride_mb + head * stride_mh
@@ -136,15 +168,12 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end = seqlen_k
-    if IS_CAUSAL:
-        end = tl.maximum(tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + causal_offset), 0)
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + cols_in_block
+    for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-        k_tokens = (k_start + cols).to(tl.int64)[:, None]
-        k = tl.load(k_base + k_tokens * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + k_tokens * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        k_tokens = (k_start + cols).to(tl.int64)
+        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
         s = _masked_scores(q, k, Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, causal_offset,
                            qk_scale, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -161,8 +190,8 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + batch.to(tl.int64) * stride_ob + head * stride_oh + (q_start + rows).to(tl.int64)[:, None] * stride_os
-    tl.store(o_ptrs + dims[None, :], out.to(O.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    o_ptrs = O + batch.to(tl.int64) * stride_ob + head * stride_oh + q_tokens[:, None] * stride_os + dims[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
     tl.store(LSE + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows, lse, mask=row_mask)
 
 
@@ -186,13 +215,11 @@ def _attn_bwd_delta_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < seqlen_q)[:, None] & (dims < head_dim)[None, :]
-    tokens = (q_start + rows).to(tl.int64)[:, None]
-    o = tl.load(O + batch.to(tl.int64) * stride_ob + head * stride_oh + tokens * stride_os + dims[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head * stride_doh + tokens * stride_dos + dims[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows, tl.sum(o * do, axis=1),
-             mask=rows < seqlen_q)
+    tokens = (q_start + rows).to(tl.int64)
+    o = _load_tile(O + batch.to(tl.int64) * stride_ob + head * stride_oh, tokens, stride_os, dims, mask)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head * stride_doh, tokens, stride_dos, dims, mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows, delta, mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -220,22 +247,17 @@ def _attn_bwd_dkdv_kernel(
     pid_bkv = tl.program_id(1)
     batch = pid_bkv // num_kv_heads
     kv_head = pid_bkv % num_kv_heads
-    q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, IS_VARLEN)
-    k_start, seqlen_k = _sequence_bounds(CuSeqlensK, batch, max_seqlen_k, IS_VARLEN)
-    causal_offset = 0
-    if CAUSAL_BOTTOM_RIGHT:
-        causal_offset = seqlen_k - seqlen_q
+    q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
+        CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k, IS_VARLEN, CAUSAL_BOTTOM_RIGHT)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_in_block = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
     kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-    k_tokens = (k_start + cols).to(tl.int64)[:, None]
-    k = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh + k_tokens * stride_ks + dims[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh + k_tokens * stride_vs + dims[None, :],
-                mask=kv_mask, other=0.0)
+    k_tokens = (k_start + cols).to(tl.int64)
+    k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh, k_tokens, stride_ks, dims, kv_mask)
+    v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh, k_tokens, stride_vs, dims, kv_mask)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -252,10 +274,10 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(begin, seqlen_q, BLOCK_M):
             rows = start_m + rows_in_block
             row_mask = rows < seqlen_q
-            q_tokens = (q_start + rows).to(tl.int64)[:, None]
+            q_tokens = (q_start + rows).to(tl.int64)
             qd_mask = row_mask[:, None] & dim_mask[None, :]
-            q = tl.load(q_base + q_tokens * stride_qs + dims[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(do_base + q_tokens * stride_dos + dims[None, :], mask=qd_mask, other=0.0)
+            q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
+            do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
             lse = tl.load(lse_base + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
             s = _masked_scores(q, k, Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, causal_offset,
@@ -271,7 +293,7 @@ def _attn_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
-    dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh + k_tokens * stride_dks + dims[None, :]
+    dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
     tl.store(DK + dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + dk_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -302,23 +324,17 @@ def _attn_bwd_dq_kernel(
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
-    q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, IS_VARLEN)
-    k_start, seqlen_k = _sequence_bounds(CuSeqlensK, batch, max_seqlen_k, IS_VARLEN)
-    causal_offset = 0
-    if CAUSAL_BOTTOM_RIGHT:
-        causal_offset = seqlen_k - seqlen_q
+    q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
+        CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k, IS_VARLEN, CAUSAL_BOTTOM_RIGHT)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_in_block = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
     row_mask = rows < seqlen_q
     qd_mask = row_mask[:, None] & dim_mask[None, :]
-    q_tokens = (q_start + rows).to(tl.int64)[:, None]
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head * stride_qh + q_tokens * stride_qs + dims[None, :],
-                mask=qd_mask, other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head * stride_doh + q_tokens * stride_dos + dims[None, :],
-                 mask=qd_mask, other=0.0)
+    q_tokens = (q_start + rows).to(tl.int64)
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh, q_tokens, stride_qs, dims, qd_mask)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head * stride_doh, q_tokens, stride_dos, dims, qd_mask)
     lse_offset = batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows
     lse = tl.load(LSE + lse_offset, mask=row_mask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_offset, mask=row_mask, other=0.0)
@@ -328,15 +344,12 @@ def _attn_bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end = seqlen_k
-    if IS_CAUSAL:
-        end = tl.maximum(tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + causal_offset), 0)
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + cols_in_block
+    for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-        k_tokens = (k_start + cols).to(tl.int64)[:, None]
-        k = tl.load(k_base + k_tokens * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + k_tokens * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        k_tokens = (k_start + cols).to(tl.int64)
+        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
         s = _masked_scores(q, k, Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, causal_offset,
                            qk_scale, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
@@ -346,7 +359,7 @@ def _attn_bwd_dq_kernel(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head * stride_dqh + q_tokens * stride_dqs + dims[None, :]
+    dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 

@@ -5,6 +5,7 @@ picks the set ("small" on CPU by default, "gpu" on CUDA).
 """
 
 import ctypes
+import os
 import sys
 
 import pytest
@@ -30,6 +31,8 @@ def _steady_cpu_allocator() -> None:
 
 
 _steady_cpu_allocator()
+# torch.compile's pool of compile workers otherwise keeps running beside the timed code.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def pytest_addoption(parser):

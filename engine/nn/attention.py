@@ -108,11 +108,22 @@ class SelfAttention(torch.nn.Module):
         self.qkv_proj = torch.nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **factory)
         self.out_proj = torch.nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rotary``: (cos, sin) from ``RotaryEmbedding.cos_sin``, (S, D) or (B, 1, S, D), applied to q and k."""
         batch, seqlen, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, seqlen, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # (B, H*, S, D)
+        if rotary is not None:
+            q, k = rotate_half(q, *rotary), rotate_half(k, *rotary)
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))  # (B, S, H * D) -> (B, S, E)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the "rotate half" layout: x * cos + [-x2, x1] * sin, computed in fp32."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -1,7 +1,8 @@
 """Kernel-accelerated transformer engine: fused Triton/CUDA kernels behind PyTorch's own API."""
 
-from engine import nn, ops, optim
+from engine import models, nn, ops, optim
 from engine.backend import get_backend, set_backend, use_backend
+from engine.patching import PatchReport, patch
 
-__all__ = ["get_backend", "nn", "ops", "optim", "set_backend", "use_backend"]
+__all__ = ["PatchReport", "get_backend", "models", "nn", "ops", "optim", "patch", "set_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -83,20 +83,21 @@ class TransformerBlock(torch.nn.Module):
                  norm: str = "layer", norm_first: bool = True, activation: str = "gelu", bias: bool = True,
                  eps: float = 1e-5, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
-        if norm not in ("layer", "rms"):
-            raise ValueError(f"TransformerBlock: norm must be 'layer' or 'rms', got {norm!r}")
         factory = dict(device=device, dtype=dtype)
-        make_norm = (lambda: LayerNorm(embed_dim, eps=eps, bias=bias, **factory)) if norm == "layer" else \
-            (lambda: RMSNorm(embed_dim, eps=eps, **factory))
         self.norm_first = norm_first
-        self.norm1, self.norm2 = make_norm(), make_norm()
+        self.norm1, self.norm2 = (make_norm(norm, embed_dim, eps=eps, bias=bias, **factory) for _ in range(2))
         self.attn = SelfAttention(embed_dim, num_heads, num_kv_heads, bias=bias, dropout=dropout, **factory)
         self.mlp = MLP(embed_dim, hidden_dim, activation=activation, bias=bias, dropout=dropout, **factory)
         self.dropout = torch.nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, attn_mask=None, is_causal=False,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attend = lambda h: self.dropout(self.attn(h, attn_mask=attn_mask, is_causal=is_causal, rotary=rotary))  # noqa: E731
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None,
+                layer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``attn_mask``, ``is_causal``, ``rotary``, ``cache`` and ``layer`` go to ``SelfAttention``."""
+        def attend(h):
+            return self.dropout(self.attn(h, attn_mask=attn_mask, is_causal=is_causal, rotary=rotary, cache=cache,
+                                          layer=layer))
+
         if self.norm_first:
             h, residual = add_norm_module(self.norm1, x, residual)
             h, residual = add_norm_module(self.norm2, attend(h), residual)
@@ -106,6 +107,15 @@ class TransformerBlock(torch.nn.Module):
         h, _ = add_norm_module(self.norm1, attend(x), x)
         out, _ = add_norm_module(self.norm2, self.mlp(h), h)
         return out, None
+
+
+def make_norm(kind: str, dim: int, *, eps: float, bias: bool = True, device=None, dtype=None) -> torch.nn.Module:
+    """An engine LayerNorm ("layer", with or without bias) or RMSNorm ("rms") over ``dim``."""
+    if kind == "layer":
+        return LayerNorm(dim, eps=eps, bias=bias, device=device, dtype=dtype)
+    if kind == "rms":
+        return RMSNorm(dim, eps=eps, device=device, dtype=dtype)
+    raise ValueError(f"norm must be 'layer' or 'rms', got {kind!r}")
 
 
 def add_norm_module(norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None):

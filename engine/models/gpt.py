@@ -1,0 +1,177 @@
+"""A GPT-style decoder language model built from engine.nn: GPT-2 (learned positions, LayerNorm,
+GELU) and Llama-style options (RoPE, RMSNorm, SwiGLU, grouped-query attention, tied or untied
+embeddings), with ``generate()`` over a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.nn import KVCache, RotaryEmbedding, TransformerBlock
+from engine.nn.blocks import add_norm_module, make_norm
+
+
+@dataclass
+class GPTConfig:
+    """Sizes and options of a decoder. Derived in ``__post_init__``: ``num_kv_heads`` (default
+    ``num_heads``), ``hidden_dim`` (default 4 * embed_dim), ``head_dim``."""
+
+    vocab_size: int = 50257
+    max_positions: int = 1024
+    embed_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None
+    hidden_dim: int | None = None
+    norm: str = "layer"  # "layer" | "rms"
+    activation: str = "gelu_tanh"  # see engine.nn.MLP; "swiglu" for Llama
+    position: str = "learned"  # "learned" | "rope"
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = True
+    eps: float = 1e-5
+    dropout: float = 0.0
+    head_dim: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        if self.position not in ("learned", "rope"):
+            raise ValueError(f"GPTConfig: position must be 'learned' or 'rope', got {self.position!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"GPTConfig: embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        self.num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        self.hidden_dim = 4 * self.embed_dim if self.hidden_dim is None else self.hidden_dim
+        self.head_dim = self.embed_dim // self.num_heads
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> "GPTConfig":
+        """A configuration from ``GPT_SIZES`` with fields overridden."""
+        if name not in GPT_SIZES:
+            raise ValueError(f"unknown GPT size {name!r}; known: {sorted(GPT_SIZES)}")
+        return cls(**{**GPT_SIZES[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+
+_LLAMA = dict(norm="rms", activation="swiglu", position="rope", bias=False)
+GPT_SIZES: dict[str, dict] = {
+    "tiny": dict(vocab_size=256, max_positions=128, embed_dim=64, num_layers=2, num_heads=4),
+    "gpt2": dict(),  # 124M
+    "llama-tiny": dict(vocab_size=256, max_positions=128, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       hidden_dim=160, eps=1e-6, **_LLAMA),
+    "smollm2-135m": dict(vocab_size=49152, max_positions=8192, embed_dim=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, hidden_dim=1536, eps=1e-5, rope_base=100000.0, **_LLAMA),
+}
+
+
+class GPT(torch.nn.Module):
+    """Decoder LM: input_ids (B, S) -> logits (B, S, vocab); pre-norm blocks whose residual adds are
+    fused into the next norm."""
+
+    def __init__(self, config: GPTConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        factory = dict(device=device, dtype=dtype)
+        self.tok_embed = torch.nn.Embedding(config.vocab_size, config.embed_dim, **factory)
+        if config.position == "learned":
+            self.pos_embed = torch.nn.Embedding(config.max_positions, config.embed_dim, **factory)
+        else:
+            self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, device=device)
+        self.drop = torch.nn.Dropout(config.dropout)
+        self.blocks = torch.nn.ModuleList(
+            TransformerBlock(config.embed_dim, config.num_heads, config.hidden_dim, num_kv_heads=config.num_kv_heads,
+                             norm=config.norm, norm_first=True, activation=config.activation, bias=config.bias,
+                             eps=config.eps, dropout=config.dropout, **factory)
+            for _ in range(config.num_layers)
+        )
+        self.norm = make_norm(config.norm, config.embed_dim, eps=config.eps, bias=config.bias, **factory)
+        self.lm_head = torch.nn.Linear(config.embed_dim, config.vocab_size, bias=False, **factory)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embed.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: torch.nn.Module) -> None:
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, S) token ids -> (B, S, E) after the final norm. With a cache, positions continue
+        from ``cache.length`` and the cache advances by S."""
+        start = 0 if cache is None else cache.length
+        seqlen = input_ids.shape[1]
+        if start + seqlen > self.config.max_positions:
+            raise ValueError(f"GPT: {start + seqlen} positions exceed max_positions={self.config.max_positions}")
+        positions = torch.arange(start, start + seqlen, device=input_ids.device)
+        x = self.tok_embed(input_ids)
+        rotary = None
+        if self.config.position == "learned":
+            x = x + self.pos_embed(positions)
+        else:
+            rotary = self.rotary.cos_sin(positions)
+        x, residual = self.drop(x), None
+        for index, block in enumerate(self.blocks):
+            x, residual = block(x, residual, is_causal=True, rotary=rotary, cache=cache, layer=index)
+        if cache is not None:
+            cache.advance(seqlen)
+        return add_norm_module(self.norm, x, residual)[0]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, S, vocab); with ``labels`` (B, S), also the mean next-token cross-entropy
+        (labels shifted inside; -100 ignored): returns (logits, loss)."""
+        logits = self.lm_head(self.hidden_states(input_ids, cache))
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        weight = self.tok_embed.weight
+        return KVCache(self.config.num_layers, batch, self.config.num_kv_heads, capacity, self.config.head_dim,
+                       device=weight.device, dtype=weight.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, do_sample: bool = False,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue (B, S) prompts by up to ``max_new_tokens`` tokens: greedy unless ``do_sample``,
+        then sampling from softmax(logits / temperature) restricted to the ``top_k`` most likely
+        tokens and the smallest set whose probability reaches ``top_p``. Sequences that produced
+        ``eos_token_id`` are padded with it. Returns (B, S + new)."""
+        if max_new_tokens <= 0:
+            return input_ids
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits = self(input_ids, cache=cache)[:, -1]
+        tokens, finished = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = _next_token(logits.float(), temperature, top_k, top_p, do_sample, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            tokens.append(token)
+            if step + 1 == max_new_tokens or (eos_token_id is not None and finished.all()):
+                break
+            logits = self(token[:, None], cache=cache)[:, -1]
+        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+
+
+def _next_token(logits, temperature, top_k, top_p, do_sample, generator) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) token ids."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep up to and including the crossing token
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

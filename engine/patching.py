@@ -1,0 +1,211 @@
+"""``engine.patch(model)``: run a model you already have on the engine's kernels.
+
+One table maps module classes to converters; every converter shares the original parameters
+(no copy), so the state_dict is unchanged and ``undo()`` puts the original modules back. Hugging
+Face models that use transformers' attention-function registry (BERT, GPT-2, Llama and most
+others in transformers 5) also get their attention routed through
+``engine.ops.scaled_dot_product_attention``. Modules with no entry are left alone and listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from engine import nn as engine_nn
+from engine import ops
+
+ATTENTION_NAME = "engine"
+
+
+def _hf_rms_norm(module: torch.nn.Module) -> engine_nn.RMSNorm:
+    """transformers' Llama-family RMSNorm (``weight``, ``variance_epsilon``) as engine.nn.RMSNorm."""
+    norm = engine_nn.RMSNorm(module.weight.shape, eps=module.variance_epsilon, device="meta")
+    norm.weight = module.weight  # the same Parameter
+    return norm
+
+
+# Exact classes only: a user's subclass of torch.nn.LayerNorm may change its forward.
+REPLACEMENTS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    torch.nn.LayerNorm: engine_nn.LayerNorm.from_torch,
+    torch.nn.RMSNorm: engine_nn.RMSNorm.from_torch,
+    torch.nn.MultiheadAttention: engine_nn.MultiheadAttention.from_torch,
+    torch.nn.TransformerEncoderLayer: engine_nn.TransformerEncoderLayer.from_torch,
+}
+# transformers classes, by name (transformers is optional).
+REPLACEMENTS_BY_NAME: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "LlamaRMSNorm": _hf_rms_norm,
+}
+
+
+def _converter(module: torch.nn.Module) -> Callable | None:
+    return REPLACEMENTS.get(type(module)) or (
+        REPLACEMENTS_BY_NAME.get(type(module).__name__) if type(module).__module__.startswith("transformers.") else None
+    )
+
+
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                 position_bias=None, **kwargs):
+    """transformers' attention-function signature over engine.ops.scaled_dot_product_attention:
+    query (B, Hq, L, D), key/value (B, Hkv, S, D) -> ((B, L, Hq, D), None), with the causal and
+    mask conventions of transformers' "sdpa" function. Position biases and soft-capping take
+    transformers' own "sdpa" path."""
+    if position_bias is not None or kwargs.get("softcap") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    if causal and key.shape[2] > query.shape[2]:  # as transformers' sdpa: causal without a cache
+        key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
+    out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                           is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_hf_attention() -> bool:
+    """Register the engine's attention function, and sdpa's mask format for it, with transformers."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTENTION_NAME, hf_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the same masks as "sdpa" gets
+    return True
+
+
+@dataclasses.dataclass
+class Replacement:
+    name: str  # dotted path of the module in the model
+    parent: torch.nn.Module
+    attribute: str
+    original: torch.nn.Module
+    replacement: torch.nn.Module
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch`` did: the modules replaced, the attention routing, what was left and why, and
+    (with ``verify``) the largest difference per output and per gradient."""
+
+    model: torch.nn.Module
+    replaced: list[Replacement]
+    attention: str | None  # the transformers attention implementation replaced by the engine's, if any
+    left: dict[str, str]  # class name -> why it runs as it was
+    differences: dict[str, float] | None = None
+
+    def counts(self) -> Counter[str]:
+        """Replaced modules per original class name."""
+        return Counter(type(r.original).__name__ for r in self.replaced)
+
+    def undo(self) -> None:
+        """Put back every original module and attention implementation."""
+        for r in reversed(self.replaced):
+            setattr(r.parent, r.attribute, r.original)
+        if self.attention is not None:
+            self.model.set_attn_implementation(self.attention)
+        self.replaced, self.attention = [], None
+
+    def __str__(self) -> str:
+        lines = [f"engine.patch: replaced {len(self.replaced)} module(s)"]
+        lines += [f"  {name} x{count}" for name, count in sorted(self.counts().items())]
+        if self.attention is not None:
+            lines.append(f"  attention: transformers '{self.attention}' -> '{ATTENTION_NAME}' (engine SDPA)")
+        if self.left:
+            lines.append("left as they were:")
+            lines += [f"  {name}: {why}" for name, why in sorted(self.left.items())]
+        if self.differences is not None:
+            lines.append("verify (largest absolute difference, original vs patched):")
+            ranked = sorted(self.differences.items(), key=lambda item: -item[1])
+            outputs = [item for item in ranked if not item[0].startswith("grad ")]
+            grads = [item for item in ranked if item[0].startswith("grad ")]
+            lines += [f"  {name}: {value:.3g}" for name, value in outputs]
+            if grads:
+                lines.append(f"  gradients: {len(grads)} parameters, largest:")
+                lines += [f"    {name.removeprefix('grad ')}: {value:.3g}" for name, value in grads[:5]]
+        return "\n".join(lines)
+
+
+def _replace(model: torch.nn.Module) -> tuple[list[Replacement], dict[str, str]]:
+    replaced, left = [], {}
+
+    def visit(parent: torch.nn.Module, prefix: str) -> None:
+        for attribute, child in list(parent.named_children()):
+            name = prefix + attribute
+            convert = _converter(child)
+            if convert is not None:
+                new = convert(child)
+                setattr(parent, attribute, new)
+                replaced.append(Replacement(name, parent, attribute, child, new))
+            elif isinstance(child, (engine_nn.LayerNorm, engine_nn.RMSNorm, engine_nn.MultiheadAttention,
+                                    engine_nn.TransformerEncoderLayer)):
+                continue  # already the engine's
+            else:
+                if not any(True for _ in child.children()) and any(True for _ in child.parameters(recurse=False)):
+                    left[type(child).__name__] = "no engine replacement: runs PyTorch's own kernels"
+                visit(child, name + ".")
+
+    visit(model, "")
+    return replaced, left
+
+
+def _flat_outputs(out) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return [("output", out)]
+    items = out.items() if isinstance(out, dict) else enumerate(out)
+    return [(f"output {key}", value) for key, value in items
+            if isinstance(value, torch.Tensor) and value.is_floating_point()]
+
+
+def _outputs_and_grads(model: torch.nn.Module, sample) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``sample`` (a tensor, a tuple of args or a dict of kwargs); return its
+    floating outputs and the gradients of a fixed random projection of them by parameter."""
+    args, kwargs = ((), sample) if isinstance(sample, dict) else ((sample,), {}) if torch.is_tensor(sample) \
+        else (tuple(sample), {})
+    outputs = _flat_outputs(model(*args, **kwargs))
+    generator = torch.Generator().manual_seed(0)
+    loss = sum((value.float() * torch.randn(value.shape, generator=generator).to(value.device)).sum()
+               for _, value in outputs)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    results = {name: value.detach() for name, value in outputs}
+    results.update({f"grad {name}": g for (name, _), g in zip(params, grads) if g is not None})
+    return results
+
+
+def patch(model: torch.nn.Module, *, verify: bool = False, sample=None, attention: bool = True) -> PatchReport:
+    """Swap the modules of ``model`` that the engine replaces (``REPLACEMENTS``) in place and, for
+    transformers models, route attention through the engine (``attention=False`` skips that).
+
+    ``verify=True`` runs ``model`` on ``sample`` (a tensor, tuple of args or dict of kwargs) in eval
+    mode before and after, and records the largest difference of every output and parameter
+    gradient in the report. Returns a ``PatchReport`` whose ``undo()`` restores the model.
+    """
+    if verify and sample is None:
+        raise ValueError("patch: verify=True needs sample inputs (sample=...)")
+    was_training = model.training
+    before = None
+    if verify:
+        model.eval()
+        before = _outputs_and_grads(model, sample)
+    replaced, left = _replace(model)
+    previous_attention = None
+    config = getattr(model, "config", None)
+    if attention and getattr(model, "_supports_attention_backend", False) and config is not None and \
+            _register_hf_attention():
+        previous_attention = config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+    elif attention and config is not None and hasattr(model, "set_attn_implementation"):
+        left["attention"] = "this transformers model does not use the attention-function registry"
+    report = PatchReport(model, replaced, previous_attention, left)
+    if verify:
+        after = _outputs_and_grads(model, sample)
+        report.differences = {name: (after[name].double() - value.double()).abs().max().item()
+                              for name, value in before.items()}
+        model.train(was_training)
+    return report

@@ -92,7 +92,10 @@ def load_hf_bert(folder: str | Path, *, head: str | None = None, num_labels: int
     folder = Path(folder)
     config = _hf_bert_config(json.loads((folder / "config.json").read_text()), num_labels)
     hf = safetensors.torch.load_file(str(folder / "model.safetensors"))
-    state = hf_bert_state(hf, config.num_layers)
+    try:
+        state = hf_bert_state(hf, config.num_layers)
+    except KeyError as missing:
+        raise ValueError(f"load_hf_bert: {folder} lacks the BERT tensor {missing}") from None
     if head not in (None, "classification"):
         raise ValueError(f"load_hf_bert: head must be None or 'classification', got {head!r}")
     model = (BertModel if head is None else BertForSequenceClassification)(config, device=device, dtype=dtype)

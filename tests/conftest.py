@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# Real checkpoints come from installed packages; nothing may reach for the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import engine  # noqa: E402  (after TRITON_INTERPRET)
 from engine.testing import kernel_device as _kernel_device  # noqa: E402

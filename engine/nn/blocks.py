@@ -147,6 +147,9 @@ class TransformerEncoderLayer(_FromTorch, torch.nn.TransformerEncoderLayer):
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if src.is_nested:  # torch.nn.TransformerEncoder's padded inference path: torch's implementation
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+
         def attend(x):
             out, _ = self.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
                                     need_weights=False, is_causal=is_causal)

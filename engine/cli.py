@@ -33,6 +33,80 @@ def _build_ext(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_help(config) -> str:
+    import dataclasses
+
+    lines = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            lines += [f"  {field.name}.{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value) if f.init]
+        elif field.init:
+            lines.append(f"  {field.name}={value!r}")
+    return "settings (key=value; defaults shown):\n" + "\n".join(lines)
+
+
+def _eager(config, args):
+    """--eager / --backend: the same run on plain PyTorch (or another engine backend)."""
+    import dataclasses
+
+    backend = "torch" if args.eager else args.backend
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, backend=backend)) if backend else config
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from engine.recipes import PretrainConfig, pretrain
+    from engine.train import config_from_args
+
+    config = _eager(config_from_args(PretrainConfig(), args.settings), args)
+    result = pretrain(config)
+    last = [r for r in result["records"] if "eval_loss" in r][-1]
+    print(f"held-out loss {last['eval_loss']:.4f}, perplexity {last['perplexity']:.1f}; "
+          f"model, tokenizer, metrics.jsonl and loss.png in {config.train.out_dir}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from engine.recipes import FinetuneConfig, finetune
+    from engine.train import config_from_args
+
+    config = _eager(config_from_args(FinetuneConfig(), args.settings), args)
+    result = finetune(config)
+    report = result["report"]
+    print(f"held-out accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}, "
+          f"precision {[round(x, 4) for x in report['precision']]}, recall {[round(x, 4) for x in report['recall']]}")
+    print(f"confusion matrix (rows: true label): {report['confusion_matrix']}")
+    print(f"{result['trainable']:,} of {result['total']:,} parameters trained; outputs in {config.train.out_dir}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from engine.models import load_pretrained
+
+    folder = Path(args.run)
+    model = load_pretrained(folder / "model").eval()
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode(args.prompt).ids])
+    generator = torch.Generator().manual_seed(args.seed)
+    out = model.generate(ids, args.max_new_tokens, do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6),
+                         top_k=args.top_k, top_p=args.top_p, generator=generator)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _with_settings(parser: argparse.ArgumentParser, config) -> None:
+    parser.add_argument("settings", nargs="*", metavar="key=value", help="override a setting, e.g. train.steps=50")
+    parser.add_argument("--eager", action="store_true", help="run on plain PyTorch (backend 'torch') for comparison")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], help="the engine backend to train with")
+    parser.epilog = _settings_help(config)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -45,5 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     build_ext = verbs.add_parser("build-ext", help="compile the C++/CUDA extension now (else on first use) and report it")
     build_ext.add_argument("--verbose", action="store_true", help="show the compiler commands")
     build_ext.set_defaults(run=_build_ext)
+
+    from engine.recipes import FinetuneConfig, PretrainConfig
+
+    pretrain = verbs.add_parser("pretrain", help="pretrain a GPT on Shakespeare (or your text file) with a local BPE tokenizer")
+    _with_settings(pretrain, PretrainConfig())
+    pretrain.set_defaults(run=_pretrain)
+    finetune = verbs.add_parser("finetune", help="fine-tune MiniLM (or a BERT folder) on IMDb, Rotten Tomatoes or your CSV")
+    _with_settings(finetune, FinetuneConfig())
+    finetune.set_defaults(run=_finetune)
+    generate = verbs.add_parser("generate", help="continue a prompt with a model saved by pretrain")
+    generate.add_argument("prompt")
+    generate.add_argument("--run", default="runs/pretrain", help="the pretrain output folder (default: %(default)s)")
+    generate.add_argument("--max-new-tokens", type=int, default=60)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=_generate)
     args = parser.parse_args(argv)
     return args.run(args)

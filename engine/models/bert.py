@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.nn import LayerNorm, TransformerBlock
-from engine.nn.blocks import add_norm_module
+from engine.nn.blocks import add_norm_module, run_blocks
 
 
 @dataclass
@@ -70,6 +70,8 @@ class BertModel(torch.nn.Module):
     """input_ids (B, S), attention_mask (B, S) with 1 for tokens and 0 for padding, token_type_ids
     (B, S) -> hidden states (B, S, E); ``pooled`` gives tanh(dense(hidden[:, 0]))."""
 
+    activation_checkpointing = False  # recompute each block's activations in backward (training only)
+
     def __init__(self, config: BertConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -86,8 +88,7 @@ class BertModel(torch.nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embeddings(input_ids, token_type_ids)
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        for block in self.blocks:
-            x, _ = block(x, attn_mask=keep)
+        x, _ = run_blocks(self.blocks, x, checkpoint=self.activation_checkpointing and self.training, attn_mask=keep)
         return x
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.nn import KVCache, RotaryEmbedding, TransformerBlock
-from engine.nn.blocks import add_norm_module, make_norm
+from engine.nn.blocks import add_norm_module, make_norm, run_blocks
 
 
 @dataclass
@@ -71,6 +71,8 @@ class GPT(torch.nn.Module):
     """Decoder LM: input_ids (B, S) -> logits (B, S, vocab); pre-norm blocks whose residual adds are
     fused into the next norm."""
 
+    activation_checkpointing = False  # recompute each block's activations in backward (training only)
+
     def __init__(self, config: GPTConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -114,9 +116,9 @@ class GPT(torch.nn.Module):
             x = x + self.pos_embed(positions)
         else:
             rotary = self.rotary.cos_sin(positions)
-        x, residual = self.drop(x), None
-        for index, block in enumerate(self.blocks):
-            x, residual = block(x, residual, is_causal=True, rotary=rotary, cache=cache, layer=index)
+        checkpoint = self.activation_checkpointing and self.training and cache is None
+        x, residual = run_blocks(self.blocks, self.drop(x), checkpoint=checkpoint, is_causal=True, rotary=rotary,
+                                 cache=cache)
         if cache is not None:
             cache.advance(seqlen)
         return add_norm_module(self.norm, x, residual)[0]

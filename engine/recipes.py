@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine import data, lora, metrics
 from engine.models import GPT, GPTConfig, load_hf_bert, save_pretrained
-from engine.train import TrainConfig, count_parameters, train
+from engine.train import TrainConfig, count_parameters, distributed, init_distributed, train
 
 STRATEGIES = ("full", "frozen", "head", "lora")
 
@@ -51,6 +51,7 @@ def pretrain(config: PretrainConfig) -> dict:
     torch.manual_seed(config.train.seed)
     model = GPT(GPTConfig.named(config.model, vocab_size=tokenizer.get_vocab_size(),
                                 max_positions=max(config.block_size, GPTConfig.named(config.model).max_positions)))
+    rank, world = init_distributed()
     device = config.train.resolved_device()
     model.to(device)
 
@@ -62,12 +63,16 @@ def pretrain(config: PretrainConfig) -> dict:
         return {"eval_loss": loss, "perplexity": metrics.perplexity(loss)}
 
     trainable, total = count_parameters(model)
-    print(f"pretrain: {config.model} GPT, {total / 1e6:.2f}M parameters, {len(ids):,} tokens "
-          f"({len(train_blocks)} blocks of {config.block_size}), vocabulary {tokenizer.get_vocab_size()}")
-    records = train(model, train_blocks, _lm_loss, config.train, collate=_stack, evaluate=evaluate)
-    out = Path(config.train.out_dir)
-    save_pretrained(model, out / "model")
-    tokenizer.save(str(out / "tokenizer.json"))
+    if rank == 0:
+        print(f"pretrain: {config.model} GPT, {total / 1e6:.2f}M parameters, {len(ids):,} tokens "
+              f"({len(train_blocks)} blocks of {config.block_size}), vocabulary {tokenizer.get_vocab_size()}, "
+              f"{world} process(es)")
+    records = train(distributed(model, world), train_blocks, _lm_loss, config.train, collate=_stack,
+                    evaluate=evaluate, rank=rank, world=world)
+    if rank == 0:
+        out = Path(config.train.out_dir)
+        save_pretrained(model, out / "model")
+        tokenizer.save(str(out / "tokenizer.json"))
     return {"records": records, "model": model, "tokenizer": tokenizer}
 
 
@@ -137,8 +142,8 @@ def finetune(config: FinetuneConfig) -> dict:
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     train_examples, eval_examples = _examples(config.dataset)
     if config.train_examples is not None:
-        train_examples = data.held_out_split(train_examples, 1 - config.train_examples / len(train_examples),
-                                             seed=config.train.seed)[1]
+        subset = min(1.0, config.train_examples / len(train_examples))
+        train_examples = data.held_out_split(train_examples, subset, seed=config.train.seed)[1]
     if config.eval_examples is not None:
         eval_examples = eval_examples[:config.eval_examples]
     num_labels = max(label for _, label in train_examples + eval_examples) + 1
@@ -168,8 +173,9 @@ def finetune(config: FinetuneConfig) -> dict:
                     collate=lambda items: data.pad_batch(items, pad_id), evaluate=evaluate)
     report = evaluate_classifier(model, eval_set, pad_id=pad_id, device=device)
     out = Path(config.train.out_dir)
+    tokenizer.save(str(out / "tokenizer.json"))  # the run folder is self-contained (attention-map, evaluate)
     if config.strategy == "lora":
         lora.save_adapters(model, out / "adapters.safetensors")
-    else:
-        save_pretrained(model, out / "model")
+        lora.merge_and_unwrap(model)  # the saved model is the merged, plain one
+    save_pretrained(model, out / "model")
     return {"records": records, "report": report, "trainable": trainable, "total": total, "model": model}

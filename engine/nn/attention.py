@@ -6,8 +6,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import contextlib
+from collections.abc import Iterator
+
 from engine import ops
 from engine.nn.norm import _FromTorch
+
+_recorded: list[torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def recording_attention() -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every SelfAttention call also appends its attention probabilities
+    (B, H, Sq, Sk), computed the eager way (the fused kernels never form them), to the list."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
 
 
 def _merge_masks(attn_mask, key_padding_mask, batch: int, heads: int, query_dtype) -> torch.Tensor | None:
@@ -122,6 +139,10 @@ class SelfAttention(torch.nn.Module):
         if rotary is not None:
             q, k = rotate_half(q, *rotary), rotate_half(k, *rotary)
         dropout_p = self.dropout if self.training else 0.0
+        if _recorded is not None:
+            keys = k if cache is None else torch.cat([cache.keys[layer][:, :, :cache.length], k], dim=2)
+            causal = "bottom_right" if is_causal else None
+            _recorded.append(ops.attention_probs(q, keys, causal=causal, attn_mask=attn_mask)[0].detach())
         if cache is None:
             out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                    dropout_p=dropout_p, enable_gqa=self.num_kv_heads != self.num_heads)

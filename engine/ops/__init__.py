@@ -1,6 +1,7 @@
 """Functional API with torch's own signatures, running the engine's kernels where they apply."""
 
 from engine.ops.attention import (
+    attention_probs,
     attention_reference,
     explain_sdpa,
     flash_attention,
@@ -10,6 +11,6 @@ from engine.ops.attention import (
 from engine.ops.norm import add_norm, layer_norm, rms_norm
 
 __all__ = [
-    "add_norm", "attention_reference", "explain_sdpa", "flash_attention", "flash_attn_varlen", "layer_norm",
+    "add_norm", "attention_probs", "attention_reference", "explain_sdpa", "flash_attention", "flash_attn_varlen", "layer_norm",
     "rms_norm", "scaled_dot_product_attention",
 ]

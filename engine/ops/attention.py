@@ -31,6 +31,34 @@ def _causal_mask(seqlen_q: int, seqlen_k: int, alignment: str, device) -> torch.
     return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(offset)
 
 
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    causal: str | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
+
+    query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. Rows that see no key get
+    probabilities 0 and a finite lse (so gradients stay finite)."""
+    key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)  # (B, Hq, Sk, D)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    if causal is not None:
+        visible = _causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
+    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    return torch.exp(scores - lse), lse.masked_fill(empty, float("inf"))
+
+
 def attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -48,24 +76,11 @@ def attention_reference(
     (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p).
     Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32; +inf for rows that see no key).
     """
-    group = query.shape[-3] // key.shape[-3]
-    key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)  # (B, Hq, Sk, D)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
-    if causal is not None:
-        visible = _causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
-    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1, keepdim=True)  # finite: no NaN gradients
-    probs = torch.exp(scores - lse)  # exactly 0 on empty rows
+    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale)
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p)
-    return probs @ value, lse.squeeze(-1).float().masked_fill(empty.squeeze(-1), float("inf"))
+    value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)  # (B, Hq, Sk, D)
+    return probs @ value, lse.squeeze(-1).float()
 
 
 def dropout_seed(generator: torch.Generator | None = None) -> int:

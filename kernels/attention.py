@@ -53,7 +53,8 @@ def _masked_scores(
     if IS_CAUSAL:
         visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
     if HAS_MASK:
-        m = tl.load(Mask + mask_offset + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=in_range, other=0)
+        m = tl.load(Mask + mask_offset + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :] * stride_mn,
+                    mask=in_range, other=0)
         if MASK_IS_BOOL:
             visible = visible & (m != 0)
         else:
@@ -69,7 +70,7 @@ def _dropout_keep(
     dropout_p,
 ):
     """(BLOCK_M, BLOCK_N) booleans: True where the probability is kept."""
-    offsets = rows[:, None] * seqlen_k + cols[None, :]
+    offsets = rows.to(tl.int64)[:, None] * seqlen_k + cols[None, :]  # 64-bit: no wrap for long sequences
     return tl.rand(seed, offsets) >= dropout_p
 
 
@@ -145,8 +146,8 @@ def _attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -158,11 +159,11 @@ def _attn_fwd_kernel(
     dim_mask = dims < head_dim
     row_mask = rows < seqlen_q
     q_tokens = (q_start + rows).to(tl.int64)
-    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh, q_tokens, stride_qs, dims,
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, q_tokens, stride_qs, dims,
                    row_mask[:, None] & dim_mask[None, :])
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
-    mask_offset = batch.to(tl.int64) * stride_mb + head * stride_mh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
     qk_scale = sm_scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -190,9 +191,9 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + batch.to(tl.int64) * stride_ob + head * stride_oh + q_tokens[:, None] * stride_os + dims[None, :]
+    o_ptrs = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_tokens[:, None] * stride_os + dims[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
-    tl.store(LSE + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows, lse, mask=row_mask)
+    tl.store(LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows, lse, mask=row_mask)
 
 
 @triton.jit
@@ -207,8 +208,8 @@ def _attn_bwd_delta_kernel(
     num_heads, max_seqlen_q, head_dim,
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, IS_VARLEN)
@@ -216,10 +217,10 @@ def _attn_bwd_delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < seqlen_q)[:, None] & (dims < head_dim)[None, :]
     tokens = (q_start + rows).to(tl.int64)
-    o = _load_tile(O + batch.to(tl.int64) * stride_ob + head * stride_oh, tokens, stride_os, dims, mask)
-    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head * stride_doh, tokens, stride_dos, dims, mask)
+    o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, tokens, stride_os, dims, mask)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, tokens, stride_dos, dims, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows, delta, mask=rows < seqlen_q)
+    tl.store(Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows, delta, mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -243,8 +244,8 @@ def _attn_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    pid_bkv = tl.program_id(0)
+    pid_n = tl.program_id(1)
     batch = pid_bkv // num_kv_heads
     kv_head = pid_bkv % num_kv_heads
     q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
@@ -256,21 +257,22 @@ def _attn_bwd_dkdv_kernel(
     dim_mask = dims < head_dim
     kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
     k_tokens = (k_start + cols).to(tl.int64)
-    k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh, k_tokens, stride_ks, dims, kv_mask)
-    v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh, k_tokens, stride_vs, dims, kv_mask)
+    k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, k_tokens, stride_ks, dims, kv_mask)
+    v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, k_tokens, stride_vs, dims, kv_mask)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     begin = 0
     if IS_CAUSAL:  # queries before this block's first visible row see none of its keys
         begin = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
-    for head in range(kv_head * group_size, (kv_head + 1) * group_size):
+    for member in range(0, group_size):  # every query head that shares this key/value head
+        head = kv_head.to(tl.int64) * group_size + member
         bh = batch * num_heads + head
-        q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh
-        do_base = DO + batch.to(tl.int64) * stride_dob + head * stride_doh
-        lse_base = LSE + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start
-        delta_base = Delta + batch.to(tl.int64) * stride_lb + head * stride_lh + q_start
-        mask_offset = batch.to(tl.int64) * stride_mb + head * stride_mh
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        lse_base = LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+        delta_base = Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+        mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
         for start_m in range(begin, seqlen_q, BLOCK_M):
             rows = start_m + rows_in_block
             row_mask = rows < seqlen_q
@@ -293,7 +295,7 @@ def _attn_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
-    dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
+    dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
     tl.store(DK + dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + dk_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -319,8 +321,8 @@ def _attn_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -333,14 +335,14 @@ def _attn_bwd_dq_kernel(
     row_mask = rows < seqlen_q
     qd_mask = row_mask[:, None] & dim_mask[None, :]
     q_tokens = (q_start + rows).to(tl.int64)
-    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh, q_tokens, stride_qs, dims, qd_mask)
-    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head * stride_doh, q_tokens, stride_dos, dims, qd_mask)
-    lse_offset = batch.to(tl.int64) * stride_lb + head * stride_lh + q_start + rows
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, q_tokens, stride_qs, dims, qd_mask)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, q_tokens, stride_dos, dims, qd_mask)
+    lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows
     lse = tl.load(LSE + lse_offset, mask=row_mask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_offset, mask=row_mask, other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
-    mask_offset = batch.to(tl.int64) * stride_mb + head * stride_mh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -359,7 +361,7 @@ def _attn_bwd_dq_kernel(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
+    dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -369,8 +371,8 @@ def _dropout_mask_kernel(
     num_heads, seqlen_q, seqlen_k, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -380,17 +382,18 @@ def _dropout_mask_kernel(
 
 
 def _blocks(head_dim: int, dtype: torch.dtype, *, backward: bool) -> dict:
-    """Tile sizes and warps by head dim; smaller tiles for fp32 and wide heads (shared memory)."""
+    """Tile sizes and warps by head dim and dtype, within ~100 KB of shared memory (sm_86/89 too)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    wide = block_d > 128 or dtype == torch.float32
-    if backward:
-        block_m, block_n = (32, 32) if wide else (64, 64)
+    if block_d > 128 and dtype == torch.float32:
+        block_m, block_n, stages = 32, 32, 1
+    elif block_d > 128 or dtype == torch.float32:
+        block_m, block_n, stages = (32, 32, 2) if backward else (64, 32, 2)
     else:
-        block_m, block_n = (64, 32) if wide else (128, 64)
+        block_m, block_n, stages = (64, 64, 2) if backward else (128, 64, 3)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
-                num_stages=2 if backward or wide else 3)
+                num_stages=stages)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -517,7 +520,7 @@ def attention_forward(
         return out, lse
     launch(
         "attention_fwd", _attn_fwd_kernel,
-        (triton.cdiv(layout.seqlen_q, blocks["BLOCK_M"]), layout.batch * layout.heads),
+        (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, blocks["BLOCK_M"])),
         q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         *lse_strides, *mask_strides,
@@ -564,7 +567,7 @@ def attention_backward(
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     blocks = _blocks(layout.head_dim, q.dtype, backward=True)
-    rows_grid = (triton.cdiv(layout.seqlen_q, blocks["BLOCK_M"]), layout.batch * layout.heads)
+    rows_grid = (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, blocks["BLOCK_M"]))
     launch(
         "attention_bwd_delta", _attn_bwd_delta_kernel, rows_grid,
         out, do, delta, *layout.strides(out), *layout.strides(do), *lse_strides, cu_seqlens_q,
@@ -577,7 +580,7 @@ def attention_backward(
     sizes = (layout.seqlen_q, layout.seqlen_k, layout.head_dim, scale, dropout_p, seed)
     launch(
         "attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
-        (triton.cdiv(layout.seqlen_k, blocks["BLOCK_N"]), layout.batch * layout.kv_heads),
+        (layout.batch * layout.kv_heads, triton.cdiv(layout.seqlen_k, blocks["BLOCK_N"])),
         q, k, v, do, dk, dv, lse, delta, mask, cu_seqlens_q, cu_seqlens_k,
         *shared, *layout.strides(dk), *lse_strides, *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, layout.kv_heads, *sizes,
@@ -598,6 +601,6 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, seqlen_q: int, seqlen_k
     """The (B, H, Sq, Sk) boolean keep mask that padded attention with this seed applies."""
     keep = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     if keep.numel():
-        launch("attention_dropout_mask", _dropout_mask_kernel, (triton.cdiv(seqlen_q, 64), batch * heads),
+        launch("attention_dropout_mask", _dropout_mask_kernel, (batch * heads, triton.cdiv(seqlen_q, 64)),
                keep, heads, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M=64, BLOCK_N=64)
     return keep

@@ -385,24 +385,25 @@ def norm_backward(
     rstd: torch.Tensor,
     dh: torch.Tensor | None = None,
     *,
-    has_bias: bool,
+    bias_dtype: torch.dtype | None,
     rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``norm_forward`` from dy (M, N) and the saved x (h with a residual), mean, rstd.
 
-    ``dh`` (M, N) is the gradient reaching h from elsewhere; it is added to dx. Returns
-    (dx in x's dtype, dweight in weight's dtype or None, dbias in weight's dtype or None).
+    ``dh`` (M, N) is the gradient reaching h from elsewhere; it is added to dx. ``bias_dtype`` is
+    None without a bias. Returns (dx in x's dtype, dweight in weight's dtype or None, dbias in
+    bias_dtype or None).
     """
+    has_bias = bias_dtype is not None
     rows, width = x.shape
     dy = _unit_stride_rows("dy", dy, x.shape)
     dh = None if dh is None else _unit_stride_rows("dh", dh, x.shape)
     dx = torch.empty_like(x)
-    param_dtype = weight.dtype if weight is not None else x.dtype
     if rows == 0 or width == 0:
         if dh is not None:
             dx.copy_(dh)
-        zeros = torch.zeros(width, dtype=param_dtype, device=x.device)
-        return dx, (zeros if weight is not None else None), (zeros.clone() if has_bias else None)
+        zeros = lambda dtype: torch.zeros(width, dtype=dtype, device=x.device)  # noqa: E731
+        return dx, (zeros(weight.dtype) if weight is not None else None), (zeros(bias_dtype) if has_bias else None)
     tiling = _tiling(rows, width, max(x.element_size(), dy.element_size()))
     rows_per_program = triton.cdiv(rows, parallel_programs(x.device))
     rows_per_program = triton.cdiv(rows_per_program, tiling["BLOCK_M"]) * tiling["BLOCK_M"]
@@ -421,6 +422,6 @@ def norm_backward(
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None,
         **tiling,
     )
-    dweight = None if dw is None else _column_sum(f"{name}_bwd_dweight", dw, param_dtype)
-    dbias = None if db is None else _column_sum(f"{name}_bwd_dbias", db, param_dtype)
+    dweight = None if dw is None else _column_sum(f"{name}_bwd_dweight", dw, weight.dtype)
+    dbias = None if db is None else _column_sum(f"{name}_bwd_dbias", db, bias_dtype)
     return dx, dweight, dbias

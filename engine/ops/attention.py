@@ -106,6 +106,7 @@ class _FlashAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         dq, dk, dv = backend.kernels().attention_backward(
@@ -174,8 +175,8 @@ def _check_mask(op: str, attn_mask: torch.Tensor | None, shape: tuple[int, ...],
 
 
 def _check_dropout(op: str, dropout_p: float) -> None:
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
 
 
 def flash_attention(
@@ -256,6 +257,14 @@ def flash_attn_varlen(
             raise ValueError(f"{op}: {name} is on {cu.device} but query is on {query.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length")
+    for name, cu, total, longest in (("q", cu_seqlens_q, query.shape[0], max_seqlen_q),
+                                     ("k", cu_seqlens_k, key.shape[0], max_seqlen_k)):
+        starts = cu.tolist()  # one host read: a wrong table would otherwise read out of bounds
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        if starts[0] != 0 or starts[-1] != total or min(lengths) < 0:
+            raise ValueError(f"{op}: cu_seqlens_{name} must rise from 0 to the {total} packed tokens, got {starts}")
+        if max(lengths) > longest:
+            raise ValueError(f"{op}: max_seqlen_{name}={longest} is shorter than a sequence of {max(lengths)} tokens")
     alignment = _causal_alignment(causal)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale

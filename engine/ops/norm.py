@@ -69,19 +69,20 @@ class _NormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, eps, rms):
         y, h, mean, rstd = backend.kernels().norm_forward(x, weight, bias, residual, eps=eps, rms=rms)
         ctx.save_for_backward(x if h is None else h, weight, mean, rstd)
-        ctx.rms, ctx.has_bias = rms, bias is not None
+        ctx.rms, ctx.bias_dtype = rms, None if bias is None else bias.dtype
         ctx.input_dtype = x.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.set_materialize_grads(False)
         return y if h is None else (y, h)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh=None):
         normed, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(normed)
         dx, dweight, dbias = backend.kernels().norm_backward(
-            dy, normed, weight, mean, rstd, dh, has_bias=ctx.has_bias, rms=ctx.rms
+            dy, normed, weight, mean, rstd, dh, bias_dtype=ctx.bias_dtype, rms=ctx.rms
         )
         dresidual = None if ctx.residual_dtype is None else dx.to(ctx.residual_dtype)
         return dx.to(ctx.input_dtype), dresidual, dweight, dbias, None, None

@@ -22,7 +22,7 @@ def test_backward_without_weight_returns_no_weight_grads(kernel_device):
     x = torch.randn(6, 50, device=kernel_device)
     y, _, mean, rstd = norm_forward(x, eps=1e-5, rms=False)
     with count_launches() as launches:
-        dx, dw, db = norm_backward(torch.ones_like(y), x, None, mean, rstd, has_bias=False, rms=False)
+        dx, dw, db = norm_backward(torch.ones_like(y), x, None, mean, rstd, bias_dtype=None, rms=False)
     assert launches == {"layer_norm_bwd": 1} and dw is None and db is None
     torch.testing.assert_close(dx, torch.zeros_like(dx), atol=1e-5, rtol=0)  # d(sum(norm(x)))/dx = 0
 

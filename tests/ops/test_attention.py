@@ -369,13 +369,19 @@ def test_sdpa_takes_torch_path_for_what_the_kernel_cannot_do():
         (lambda q, k, v: flash_attention(q, k[..., :16], v), ValueError, "head dims differ"),
         (lambda q, k, v: flash_attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool)), ValueError, "attn_mask"),
         (lambda q, k, v: flash_attention(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.int64)), TypeError, "attn_mask"),
-        (lambda q, k, v: flash_attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda q, k, v: flash_attention(q, k, v, dropout_p=1.5), ValueError, "dropout_p"),
         (lambda q, k, v: flash_attention(q, k, v, causal="left"), ValueError, "causal"),
         (lambda q, k, v: flash_attention(q[0], k[0], v[0]), ValueError, "4-D"),
         (lambda q, k, v: engine.ops.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool),
                                                                  is_causal=True), ValueError, "not both"),
         (lambda q, k, v: flash_attn_varlen(q[0], k[0], v[0], torch.tensor([0, 3]), torch.tensor([0, 3], dtype=torch.int32),
                                            3, 3), ValueError, "cu_seqlens_q"),
+        (lambda q, k, v: flash_attn_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)),  # (16 tokens, 3 heads, 32)
+                                           torch.tensor([0, 10, 16], dtype=torch.int32),
+                                           torch.tensor([0, 10, 16], dtype=torch.int32), 8, 10), ValueError, "max_seqlen_q=8"),
+        (lambda q, k, v: flash_attn_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)),
+                                           torch.tensor([0, 10, 12], dtype=torch.int32),
+                                           torch.tensor([0, 10, 16], dtype=torch.int32), 10, 10), ValueError, "rise from 0"),
     ],
 )
 def test_bad_input_names_the_problem(backend, call, error, match):
@@ -404,3 +410,13 @@ def test_fp32_products_are_ieee_unless_tf32_is_allowed():
         assert _dot_precision(torch.float32) == "tf32"
     finally:
         matmul.allow_tf32 = previous
+
+
+def test_dropout_of_one_gives_zeros_and_double_backward_is_refused():
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, 37, 37, 32), torch.float32))
+    with triton_launches():
+        out = flash_attention(q, k, v, dropout_p=1.0)
+        assert torch.equal(out, torch.zeros_like(out))
+        grads = torch.autograd.grad(flash_attention(q, k, v).sum(), (q, k, v), create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice|does not require grad"):
+            torch.autograd.grad(grads[0].sum(), q)

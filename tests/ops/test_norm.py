@@ -200,3 +200,13 @@ def test_zero_rows_give_empty_output_and_zero_weight_grads(kind, kernel_device):
 def test_bad_input_names_the_argument(backend, call, error, names):
     with engine.use_backend(backend), pytest.raises(error, match=names):
         call()
+
+
+def test_bias_without_weight_keeps_the_bias_dtype(kernel_device):
+    """An fp32 bias on fp16 activations: its gradient is reduced in fp32 and returned in fp32."""
+    x = torch.randn(123, 97, dtype=torch.float16, device=kernel_device)
+    bias = torch.randn(97, device=kernel_device)
+    launches = check_against_torch(lambda x, b: engine.ops.layer_norm(x, 97, None, b),
+                                   lambda x, b: F.layer_norm(x.to(b.dtype), (97,), None, b).to(x.dtype),
+                                   x, bias, names=["output", "input.grad", "bias.grad"])
+    assert launches["layer_norm_bwd_dbias"] == 1

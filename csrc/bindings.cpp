@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #ifdef ENGINE_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -106,6 +107,7 @@ void adamw_step(const TensorList& params, const TensorList& grads, const TensorL
   if (device.is_cuda()) {
     const c10::cuda::CUDAGuard guard(device);
     engine::adamw_cuda(tensors, hyper, stream_of(device));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 #endif
@@ -123,6 +125,7 @@ at::Tensor multi_tensor_norm(const TensorList& tensors, bool inf_norm) {
     at::Tensor out = at::empty({}, options);
     engine::norm_cuda(list.view(), inf_norm, workspace.data_ptr<float>(), out.data_ptr<float>(),
                       stream_of(list.device));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
 #endif
@@ -139,6 +142,7 @@ void multi_tensor_scale_(const TensorList& tensors, const at::Tensor& coef) {
   if (list.device.is_cuda()) {
     const c10::cuda::CUDAGuard guard(list.device);
     engine::scale_cuda(list.view(), coef.data_ptr<float>(), stream_of(list.device));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 #endif

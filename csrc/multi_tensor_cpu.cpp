@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -66,8 +67,24 @@ void adamw_typed(const AdamWTensors& x, const AdamWHyper& h) {
 template <typename T>
 float norm_typed(const TensorsView& x, bool inf_norm) {
   const auto work = chunks(x.count, x.sizes);
-  double total = 0.0;  // sum of squares, or the max, accumulated in double
-#pragma omp parallel for schedule(dynamic) reduction(+ : total) if (!inf_norm)
+  if (inf_norm) {  // max |x|, NaN if any element is NaN (as torch)
+    float largest = 0.0f;
+    int nan = 0;
+#pragma omp parallel for schedule(dynamic) reduction(max : largest) reduction(| : nan)
+    for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
+      const auto [t, start] = work[w];
+      const T* data = static_cast<const T*>(x.data[t]) + start;
+      const int64_t n = std::min(kChunk, x.sizes[t] - start);
+      for (int64_t i = 0; i < n; ++i) {
+        const float value = std::fabs(static_cast<float>(data[i]));
+        if (std::isnan(value)) nan = 1;
+        else largest = std::max(largest, value);
+      }
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : largest;
+  }
+  double total = 0.0;  // the sum of squares, accumulated in double
+#pragma omp parallel for schedule(dynamic) reduction(+ : total)
   for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
     const auto [t, start] = work[w];
     const T* data = static_cast<const T*>(x.data[t]) + start;
@@ -80,16 +97,7 @@ float norm_typed(const TensorsView& x, bool inf_norm) {
     }
     total += partial;
   }
-  if (!inf_norm) return static_cast<float>(std::sqrt(total));
-  float largest = 0.0f;
-#pragma omp parallel for reduction(max : largest)
-  for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
-    const auto [t, start] = work[w];
-    const T* data = static_cast<const T*>(x.data[t]) + start;
-    const int64_t n = std::min(kChunk, x.sizes[t] - start);
-    for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(static_cast<float>(data[i])));
-  }
-  return largest;
+  return static_cast<float>(std::sqrt(total));
 }
 
 template <typename T>

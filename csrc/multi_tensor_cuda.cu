@@ -93,6 +93,9 @@ __global__ void adamw_kernel(ChunkTable table, AdamWHyper h) {
   }
 }
 
+// max that keeps NaN (fmaxf drops it): a NaN gradient must give a NaN inf-norm, as torch's.
+__device__ __forceinline__ float max_or_nan(float a, float b) { return (a != a || b != b) ? a + b : fmaxf(a, b); }
+
 // The block's sum of `value` (its max when inf_norm), returned to every thread.
 __device__ float block_reduce(float value, bool inf_norm) {
   __shared__ float shared[kThreads];
@@ -101,7 +104,7 @@ __device__ float block_reduce(float value, bool inf_norm) {
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
       const float other = shared[threadIdx.x + stride];
-      shared[threadIdx.x] = inf_norm ? fmaxf(shared[threadIdx.x], other) : shared[threadIdx.x] + other;
+      shared[threadIdx.x] = inf_norm ? max_or_nan(shared[threadIdx.x], other) : shared[threadIdx.x] + other;
     }
     __syncthreads();
   }
@@ -118,7 +121,7 @@ __global__ void norm_partial_kernel(ChunkTable table, bool inf_norm, float* part
   float acc = 0.0f;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float value = to_float(x[i]);
-    acc = inf_norm ? fmaxf(acc, fabsf(value)) : fmaf(value, value, acc);
+    acc = inf_norm ? max_or_nan(acc, fabsf(value)) : fmaf(value, value, acc);
   }
   const float total = block_reduce(acc, inf_norm);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -127,7 +130,7 @@ __global__ void norm_partial_kernel(ChunkTable table, bool inf_norm, float* part
 __global__ void norm_finish_kernel(const float* partials, int64_t count, bool inf_norm, float* out) {
   float acc = 0.0f;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x)
-    acc = inf_norm ? fmaxf(acc, partials[i]) : acc + partials[i];
+    acc = inf_norm ? max_or_nan(acc, partials[i]) : acc + partials[i];
   const float total = block_reduce(acc, inf_norm);
   if (threadIdx.x == 0) out[0] = inf_norm ? total : sqrtf(total);
 }

@@ -108,6 +108,32 @@ def build(*, verbose: bool = False) -> ModuleType:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
 
 
+def _covers(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for ``archs`` ("8.0;9.0+PTX") runs on a GPU of ``capability``: a binary for
+    the same major version and a lower or equal minor, or PTX for an older architecture."""
+    for entry in archs.replace(",", ";").split(";"):
+        name = entry.strip().removesuffix("+PTX")
+        if not name:
+            continue
+        major, minor = (int(part) for part in name.split("."))
+        if (major == capability[0] and minor <= capability[1]) or ("+PTX" in entry and (major, minor) <= capability):
+            return True
+    return False
+
+
+def cannot_run(module: ModuleType, devices) -> str | None:
+    """Why ``module`` cannot serve tensors on ``devices`` (no CUDA kernels, or none for this GPU), or None."""
+    for device in devices:
+        if device.type != "cuda":
+            continue
+        if not module.cuda_built():
+            return "the extension was built without CUDA kernels"
+        capability = torch.cuda.get_device_capability(device)
+        if not _covers(built_archs(), capability):
+            return f"the extension's CUDA kernels ({built_archs()}) do not run on sm_{capability[0]}{capability[1]}"
+    return None
+
+
 def load() -> ModuleType | None:
     """The extension, built on first use; None (after one warning) if it cannot be built."""
     global _module, _failure

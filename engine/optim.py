@@ -44,6 +44,20 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, fused=fused)
 
+    MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the moments keep fp32 (torch would round them to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in self.MOMENTS:
+                if key in saved and torch.is_tensor(saved[key]) and saved[key].is_floating_point():
+                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32,
+                                                           memory_format=torch.contiguous_format, copy=True)
+
     def _state_of(self, param: torch.Tensor, amsgrad: bool) -> dict:
         """The parameter's state, created on first use, with fp32 contiguous moments."""
         state = self.state[param]
@@ -65,10 +79,11 @@ class FusedAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         ext = extension.load()
-        needs_cuda = any(p.grad is not None and p.is_cuda for g in self.param_groups for p in g["params"])
-        if ext is None or (needs_cuda and not ext.cuda_built()):
-            if ext is not None:
-                backend.warn_fallback("FusedAdamW", "the extension was built without CUDA kernels")
+        devices = {p.device for g in self.param_groups for p in g["params"] if p.grad is not None}
+        reason = None if ext is None else extension.cannot_run(ext, devices)
+        if ext is None or reason is not None:
+            if reason is not None:
+                backend.warn_fallback("FusedAdamW", reason)
             super().step()
             return loss
         for group in self.param_groups:
@@ -125,7 +140,10 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     fused = norm_type in (2.0, math.inf) and not any(g.is_sparse for g in grads)
     ext = extension.load() if fused and grads else None
-    if ext is None or (any(g.is_cuda for g in grads) and not ext.cuda_built()) or not all(g.is_contiguous() for g in grads):
+    reason = None if ext is None else extension.cannot_run(ext, {g.device for g in grads})
+    if reason is not None:
+        backend.warn_fallback("clip_grad_norm_", reason)
+    if ext is None or reason is not None or not all(g.is_contiguous() for g in grads):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for g in grads:

@@ -21,9 +21,18 @@ from engine import ops
 ATTENTION_NAME = "engine"
 
 
+class PromotingRMSNorm(engine_nn.RMSNorm):
+    """engine.nn.RMSNorm returning the promoted dtype of input and weight, as transformers'
+    Llama-family RMSNorm does (fp32 weights on bf16 activations give fp32)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input)
+        return out if self.weight is None else out.to(torch.promote_types(input.dtype, self.weight.dtype))
+
+
 def _hf_rms_norm(module: torch.nn.Module) -> engine_nn.RMSNorm:
-    """transformers' Llama-family RMSNorm (``weight``, ``variance_epsilon``) as engine.nn.RMSNorm."""
-    norm = engine_nn.RMSNorm(module.weight.shape, eps=module.variance_epsilon, device="meta")
+    """transformers' Llama-family RMSNorm (``weight``, ``variance_epsilon``) as the engine's."""
+    norm = PromotingRMSNorm(module.weight.shape, eps=module.variance_epsilon, device="meta")
     norm.weight = module.weight  # the same Parameter
     return norm
 

@@ -137,3 +137,18 @@ def test_a_patched_model_trains_like_the_original():
         got = losses(patched)
     assert expected[-1] < expected[0]
     torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
+
+
+def test_llama_rms_norm_keeps_transformers_output_dtype():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    original = LlamaRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        original.weight.normal_()
+    holder = torch.nn.Sequential(original)
+    engine.patch(holder)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = original(x)
+    got = holder[0](x)
+    assert got.dtype == expected.dtype == torch.float32  # fp32 weight on bf16 activations
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.bfloat16])

@@ -67,12 +67,13 @@ def test_empty_gradients_count_as_zero_for_the_inf_norm():
     assert clip_grad_norm_(params, 1e6, norm_type=math.inf) == params[1].grad.abs().max()
 
 
-def test_non_finite_norm():
-    params = _params_with_grads(shapes=[(10,)])
-    params[0].grad[3] = float("nan")
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_non_finite_norm(norm_type):
+    params = _params_with_grads(shapes=[(10,), (70000,)])
+    params[1].grad[30000] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
-        clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
-    assert torch.isnan(clip_grad_norm_(params, 1.0))
+        clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True)
+    assert torch.isnan(clip_grad_norm_(params, 1.0, norm_type))
 
 
 def test_other_norm_types_and_no_gradients_follow_torch():

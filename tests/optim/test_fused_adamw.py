@@ -219,3 +219,24 @@ def test_bias_correction_uses_each_parameters_own_step():
     assert launches["adamw_step_cpu"] == 4  # two step counts, so two calls per step
     assert ours.state[params[1]]["step"].item() == 2 and math.isclose(ours.state[params[0]]["step"].item(), 5)
     assert_params_close(params, reference)
+
+
+def test_loading_keeps_fp32_moments_for_low_precision_parameters():
+    params = _params(dtype=torch.bfloat16, shapes=[(1000,)])
+    optimizer = FusedAdamW(params, amsgrad=True)
+    _run(optimizer, params, 3)
+    saved = copy.deepcopy(optimizer.state_dict())
+    restored = FusedAdamW(_clone(params), amsgrad=True)
+    restored.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        original = optimizer.state[params[0]][key]
+        loaded = next(iter(restored.state.values()))[key]
+        assert loaded.dtype == torch.float32 and torch.equal(loaded, original), key
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("8.0;9.0+PTX", (8, 0), True), ("8.0;9.0+PTX", (8, 6), True), ("8.0;9.0+PTX", (9, 0), True),
+    ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (7, 5), False), ("8.0", (9, 0), False), ("8.6", (8, 0), False),
+])
+def test_which_gpus_a_build_runs_on(archs, capability, runs):
+    assert extension._covers(archs, capability) is runs

@@ -82,6 +82,20 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from engine.recipes import evaluate_run
+
+    result = evaluate_run(args.run, dataset=args.dataset, limit=args.limit)
+    if "perplexity" in result:
+        print(f"held-out loss {result['eval_loss']:.4f}, perplexity {result['perplexity']:.1f} "
+              f"over {result['blocks']} blocks")
+    else:
+        print(f"held-out accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}, "
+              f"precision {[round(x, 4) for x in result['precision']]}, recall {[round(x, 4) for x in result['recall']]}")
+        print(f"confusion matrix (rows: true label): {result['confusion_matrix']}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -137,19 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--select", "-k", help="only benchmarks matching this pytest -k expression")
     bench.add_argument("--out", default="bench-results", help="folder for the JSON results (default: %(default)s)")
     bench.add_argument("--max-time", type=float, default=0.5, help="seconds of timing per benchmark (default: %(default)s)")
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(command=_bench)
     build_ext = verbs.add_parser("build-ext", help="compile the C++/CUDA extension now (else on first use) and report it")
     build_ext.add_argument("--verbose", action="store_true", help="show the compiler commands")
-    build_ext.set_defaults(run=_build_ext)
+    build_ext.set_defaults(command=_build_ext)
 
     from engine.recipes import FinetuneConfig, PretrainConfig
 
     pretrain = verbs.add_parser("pretrain", help="pretrain a GPT on Shakespeare (or your text file) with a local BPE tokenizer")
     _with_settings(pretrain, PretrainConfig())
-    pretrain.set_defaults(run=_pretrain)
+    pretrain.set_defaults(command=_pretrain)
     finetune = verbs.add_parser("finetune", help="fine-tune MiniLM (or a BERT folder) on IMDb, Rotten Tomatoes or your CSV")
     _with_settings(finetune, FinetuneConfig())
-    finetune.set_defaults(run=_finetune)
+    finetune.set_defaults(command=_finetune)
+    evaluate = verbs.add_parser("evaluate", help="evaluate a pretrain run (perplexity) or a finetune run (accuracy, F1)")
+    evaluate.add_argument("--run", required=True, help="the output folder of pretrain or finetune")
+    evaluate.add_argument("--dataset", help="finetune runs: another dataset's held-out split (imdb, rotten_tomatoes, a CSV)")
+    evaluate.add_argument("--limit", type=int, help="evaluate at most this many examples or blocks")
+    evaluate.set_defaults(command=_evaluate)
     generate = verbs.add_parser("generate", help="continue a prompt with a model saved by pretrain")
     generate.add_argument("prompt")
     generate.add_argument("--run", default="runs/pretrain", help="the pretrain output folder (default: %(default)s)")
@@ -158,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
-    generate.set_defaults(run=_generate)
+    generate.set_defaults(command=_generate)
     attention_map = verbs.add_parser("attention-map", help="draw every head's attention for a sentence, one PNG per layer")
     attention_map.add_argument("text")
     attention_map.add_argument("--run", help="a pretrain or finetune output folder (default: the MiniLM checkpoint)")
     attention_map.add_argument("--out", default="attention-maps", help="output folder (default: %(default)s)")
-    attention_map.set_defaults(run=_attention_map)
+    attention_map.set_defaults(command=_attention_map)
     args = parser.parse_args(argv)
-    return args.run(args)
+    return args.command(args)

@@ -5,6 +5,7 @@ classification (full, frozen, head-only or LoRA), evaluated on a fixed held-out 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,46 @@ def pretrain(config: PretrainConfig) -> dict:
         out = Path(config.train.out_dir)
         save_pretrained(model, out / "model")
         tokenizer.save(str(out / "tokenizer.json"))
+        _save_recipe(out, "pretrain", config)
     return {"records": records, "model": model, "tokenizer": tokenizer}
+
+
+def _save_recipe(out: Path, kind: str, config) -> None:
+    (out / "recipe.json").write_text(json.dumps({"recipe": kind, "config": dataclasses.asdict(config)}, indent=2))
+
+
+def _pretrain_held_out(config: PretrainConfig, tokenizer) -> data.TokenBlocks:
+    text = data.shakespeare_text() if config.corpus == "shakespeare" else Path(config.corpus).read_text()
+    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
+    return data.TokenBlocks(ids[int(len(ids) * (1 - config.held_out)):], config.block_size)
+
+
+def evaluate_run(folder: str | Path, *, dataset: str | None = None, limit: int | None = None) -> dict:
+    """Evaluate a run folder written by ``pretrain`` (held-out loss and perplexity over up to
+    ``limit`` blocks) or ``finetune`` (the classification report on the held-out split of its
+    dataset, or of ``dataset``)."""
+    from tokenizers import Tokenizer
+
+    from engine.models import load_pretrained
+
+    folder = Path(folder)
+    saved = json.loads((folder / "recipe.json").read_text())
+    model = load_pretrained(folder / "model").eval()
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if saved["recipe"] == "pretrain":
+        config = PretrainConfig(**{**saved["config"], "train": TrainConfig(**saved["config"]["train"])})
+        blocks = _pretrain_held_out(config, tokenizer)
+        count = len(blocks) if limit is None else min(limit, len(blocks))
+        with torch.no_grad():
+            losses = [_lm_loss(model, {k: v[None] for k, v in blocks[i].items()})[0].item() for i in range(count)]
+        loss = sum(losses) / count
+        return {"eval_loss": loss, "perplexity": metrics.perplexity(loss), "blocks": count}
+    config = saved["config"]
+    tokenizer.enable_truncation(config["max_length"])
+    _, held_out = _examples(dataset or config["dataset"])
+    held_out = held_out if limit is None else held_out[:limit]
+    return evaluate_classifier(model, data.TextClassification(held_out, tokenizer),
+                               pad_id=tokenizer.token_to_id("[PAD]") or 0)
 
 
 @dataclass
@@ -174,6 +214,7 @@ def finetune(config: FinetuneConfig) -> dict:
     report = evaluate_classifier(model, eval_set, pad_id=pad_id, device=device)
     out = Path(config.train.out_dir)
     tokenizer.save(str(out / "tokenizer.json"))  # the run folder is self-contained (attention-map, evaluate)
+    _save_recipe(out, "finetune", config)
     if config.strategy == "lora":
         lora.save_adapters(model, out / "adapters.safetensors")
         lora.merge_and_unwrap(model)  # the saved model is the merged, plain one

@@ -219,8 +219,9 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
-def plot_loss(records: list[dict], path: Path, title: str) -> Path | None:
-    """Training (and evaluation) loss against step as a PNG; None without matplotlib."""
+def plot_loss(runs: dict[str, list[dict]], path: Path, title: str) -> Path | None:
+    """Training (solid) and evaluation (dots) loss against step for each named run, as a PNG;
+    None without matplotlib."""
     try:
         import matplotlib
 
@@ -229,12 +230,12 @@ def plot_loss(records: list[dict], path: Path, title: str) -> Path | None:
     except ImportError:
         return None
     figure, axes = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if train:
-        axes.plot(*zip(*train), label="train loss")
-    if evals:
-        axes.plot(*zip(*evals), "o-", label="eval loss")
+    for label, records in runs.items():
+        train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        eval_points = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        line = axes.plot(*zip(*train_points), label=f"{label} train")[0] if train_points else None
+        if eval_points:
+            axes.plot(*zip(*eval_points), "o--", color=line.get_color() if line else None, label=f"{label} eval")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(title)
@@ -341,7 +342,7 @@ def train(
     if rank != 0:
         return []
     records = log.records()
-    plot_loss(records, out_dir / "loss.png", f"{type(_unwrap(model)).__name__}, backend {config.backend}")
+    plot_loss({f"backend {config.backend}": records}, out_dir / "loss.png", type(_unwrap(model)).__name__)
     return records
 
 

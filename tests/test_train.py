@@ -156,6 +156,17 @@ def test_a_killed_run_resumes_to_the_same_loss_curve(tmp_path):
     assert _losses(killed) == _losses(straight)  # every training and evaluation loss, bit for bit
     assert (killed / "loss.png").stat().st_size > 0
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("step-")) == ["step-24"]
+    evaluated = subprocess.run([sys.executable, "-m", "engine", "evaluate", "--run", str(killed), "--limit", "4"],
+                               env=env, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"{_losses(killed)[-1][1]:.4f}" in evaluated.stdout  # the final evaluation, recomputed from disk
+    generated = subprocess.run([sys.executable, "-m", "engine", "generate", "ROMEO:", "--run", str(killed),
+                                "--max-new-tokens", "12"], env=env, capture_output=True, text=True, timeout=600)
+    assert generated.returncode == 0 and generated.stdout.startswith("ROMEO:"), generated.stderr
+    drawn = subprocess.run([sys.executable, "-m", "engine", "attention-map", "to be or not", "--run", str(killed),
+                            "--out", str(tmp_path / "maps")], env=env, capture_output=True, text=True, timeout=600)
+    assert drawn.returncode == 0, drawn.stderr
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["layer-0.png", "layer-1.png"]
 
 
 @pytest.mark.parametrize("strategy", ["full", "frozen", "head", "lora"])
@@ -186,6 +197,11 @@ def test_finetune_minilm_on_a_csv(strategy, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), result["model"].eval()(ids), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "run" / "adapters.safetensors").exists() == (strategy == "lora")
+    if strategy == "head":
+        from engine.recipes import evaluate_run
+
+        again = evaluate_run(tmp_path / "run")
+        assert again["confusion_matrix"] == report["confusion_matrix"]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):

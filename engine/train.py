@@ -324,8 +324,8 @@ def train(
                 record = {"step": done, "loss": sum(window_loss) / len(window_loss), "lr": scheduler.get_last_lr()[0],
                           "items_per_s": window_items * world / elapsed}
                 log.write(record)
-                print(f"step {done}/{config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                      f"{record['items_per_s']:.0f} items/s", file=sys.stderr, flush=True)
+                print(f"{_bar(done, config.steps)} step {done}/{config.steps}  loss {record['loss']:.4f}  "
+                      f"lr {record['lr']:.2e}  {record['items_per_s']:.0f} items/s", file=sys.stderr, flush=True)
                 window_start, window_items, window_loss = time.perf_counter(), 0, []
             if evaluate is not None and rank == 0 and (done % config.eval_every == 0 or done == config.steps):
                 model.eval()
@@ -344,6 +344,11 @@ def train(
     records = log.records()
     plot_loss({f"backend {config.backend}": records}, out_dir / "loss.png", type(_unwrap(model)).__name__)
     return records
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:

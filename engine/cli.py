@@ -20,6 +20,54 @@ def _bench(args: argparse.Namespace) -> int:
     return code
 
 
+def _gate(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import tempfile
+
+    import torch
+
+    if not torch.cuda.is_available():  # the counters force the kernels: through the interpreter on CPU
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from engine.benchmarks import gate, report
+
+    device = gate.device_class()
+    path = Path(args.baseline) if args.baseline else gate.baseline_path(device)
+    if not path.exists() and not args.update:
+        print(f"gate: no baseline for {device} at {path}; write one with --update", file=sys.stderr)
+        return 2
+    baseline = json.loads(path.read_text()) if path.exists() else {}
+    counters = gate.collect_counters()
+    runs = []
+    for _ in range(1 if args.bench_json or not args.update else 3):  # a baseline takes the median of 3 runs
+        if args.bench_json:
+            rows = report.load(Path(args.bench_json))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                code, json_path = report.run_suite(Path(folder), select=args.select, max_time=args.max_time)
+                if not json_path.exists():
+                    print(f"gate: the benchmarks did not run (pytest exit code {code})", file=sys.stderr)
+                    return code or 1
+                rows = report.load(json_path)
+        runs.append(gate.engine_ratios(rows))
+    ratios = gate.median_ratios(runs)
+    if args.update:
+        gate.write_baseline(path, counters, ratios, device)
+        print(f"gate: wrote {path} ({len(counters)} counters, {len(ratios)} speed floors)")
+        return 0
+    findings = gate.compare(counters, ratios, baseline)
+    if any(f.kind == "ratio" for f in findings) and not args.bench_json:
+        # A slowdown must reproduce: one more run, and each case keeps its better ratio.
+        print("gate: a speed floor was missed; measuring once more to confirm", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as folder:
+            _, json_path = report.run_suite(Path(folder), select=args.select, max_time=args.max_time)
+            again = gate.engine_ratios(report.load(json_path)) if json_path.exists() else {}
+        ratios = {case: max(ratio, again.get(case, ratio)) for case, ratio in ratios.items()}
+        findings = gate.compare(counters, ratios, baseline)
+    print(gate.format_report(findings, counters, ratios, baseline))
+    return 1 if findings else 0
+
+
 def _build_ext(args: argparse.Namespace) -> int:
     import torch
 
@@ -152,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench-results", help="folder for the JSON results (default: %(default)s)")
     bench.add_argument("--max-time", type=float, default=0.5, help="seconds of timing per benchmark (default: %(default)s)")
     bench.set_defaults(command=_bench)
+    gate_parser = verbs.add_parser("gate", help="fail if counters changed or speed ratios fell below the stored floors")
+    gate_parser.add_argument("--baseline", help="expectations file (default: benchmarks/baselines/<device class>.json)")
+    gate_parser.add_argument("--bench-json", help="take speed ratios from this `engine bench` JSON instead of running it")
+    gate_parser.add_argument("--select", default="not compile", help="which benchmarks to run (default: %(default)s)")
+    gate_parser.add_argument("--max-time", type=float, default=0.3, help="seconds of timing per benchmark")
+    gate_parser.add_argument("--update", action="store_true", help="rewrite the baseline from this run, on purpose")
+    gate_parser.set_defaults(command=_gate)
     build_ext = verbs.add_parser("build-ext", help="compile the C++/CUDA extension now (else on first use) and report it")
     build_ext.add_argument("--verbose", action="store_true", help="show the compiler commands")
     build_ext.set_defaults(command=_build_ext)

@@ -1,0 +1,155 @@
+"""The performance-regression gate: a run's counters and speed ratios against the expectations
+stored in benchmarks/baselines/<device class>.json.
+
+- Counters are device-independent and compared exactly: bytes saved for backward per layer,
+  kernel launches per training step (counted at the launchers and extension calls), optimizer
+  state bytes and parameter counts, for small GPT and BERT models with the engine's kernels forced
+  (through Triton's interpreter on CPU).
+- Speed ratios to eager are measured side by side in one benchmark run and must stay above a floor
+  per device class (loose on shared CPUs, tight on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BASELINES = Path(__file__).parent / "baselines"
+# floor = (median of the baseline runs' ratios) x slack: a 2x slowdown fails everywhere; on shared
+# CPUs a 40% dip from noise passes, on GPUs a 20% one.
+FLOOR_SLACK = {"cpu": 0.6}
+DEFAULT_SLACK = 0.8
+
+
+def device_class() -> str:
+    """"cpu", or the GPU's name in lower case with dashes (e.g. "cuda-nvidia-h200")."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "cuda-" + "-".join(torch.cuda.get_device_name().lower().split())
+
+
+def _model_counters(name: str, model: torch.nn.Module, batch: dict, loss_fn) -> dict[str, int]:
+    from engine import backend
+    from engine.launches import count_launches
+    from engine.optim import FusedAdamW, clip_grad_norm_
+
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    optimizer = FusedAdamW(model.parameters(), lr=1e-3)
+    with backend.use_backend("triton"), count_launches() as launches:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    layers = len(getattr(model, "blocks", None) or model.bert.blocks)
+    state_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                      for t in state.values() if torch.is_tensor(t))
+    return {
+        f"{name}.bytes_saved_for_backward_per_layer": saved // layers,
+        f"{name}.launches_per_train_step": launches.total(),
+        f"{name}.optimizer_state_bytes": state_bytes,
+        f"{name}.parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def collect_counters() -> dict[str, int]:
+    """The device-independent counters (the kernels forced; interpreter on CPU)."""
+    from engine.models import GPT, BertConfig, BertForSequenceClassification, GPTConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    counters = {}
+    for name, config in (("gpt_tiny", GPTConfig.named("tiny")), ("llama_tiny", GPTConfig.named("llama-tiny"))):
+        model = GPT(config).to(device)
+        counters |= _model_counters(name, model, {"ids": ids}, lambda m, b: m(b["ids"], labels=b["ids"])[1])
+    bert = BertForSequenceClassification(BertConfig.named("tiny", dropout=0.0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    labels = torch.tensor([0, 1], device=device)
+    counters |= _model_counters("bert_tiny", bert, {"ids": ids % 128, "mask": mask},
+                                lambda m, b: m(b["ids"], b["mask"], labels=labels)[1])
+    return counters
+
+
+def engine_ratios(bench_rows: list[dict]) -> dict[str, float]:
+    """Case -> the engine's speed ratio to eager, from ``report.rows`` of one run."""
+    return {row["case"]: row["ratio_to_eager"] for row in bench_rows
+            if row["provider"] == "engine" and row["ratio_to_eager"] is not None}
+
+
+@dataclass
+class Finding:
+    name: str
+    expected: float
+    got: float
+    kind: str  # "counter" or "ratio"
+
+    def __str__(self) -> str:
+        if self.kind == "ratio":
+            return (f"SLOWER   {self.name}: engine at {self.got:.2f}x eager, below the floor "
+                    f"{self.expected:.2f}x ({(self.got / self.expected - 1) * 100:+.0f}%)")
+        change = (self.got / self.expected - 1) * 100 if self.expected else float("inf")
+        return f"CHANGED  {self.name}: {self.expected:,} -> {self.got:,} ({change:+.1f}%)"
+
+
+def compare(counters: dict[str, int], ratios: dict[str, float], baseline: dict) -> list[Finding]:
+    """Every counter that differs from the baseline and every ratio below its floor. A counter
+    that the baseline lacks, or lacks from the run, is reported too."""
+    findings = []
+    expected_counters = baseline.get("counters", {})
+    for name in sorted(set(expected_counters) | set(counters)):
+        got, expected = counters.get(name), expected_counters.get(name)
+        if got != expected:
+            findings.append(Finding(name, expected if expected is not None else 0, got if got is not None else 0,
+                                    "counter"))
+    for case, floor in sorted(baseline.get("ratio_floors", {}).items()):
+        got = ratios.get(case)
+        if got is None or got < floor:
+            findings.append(Finding(case, floor, got if got is not None else 0.0, "ratio"))
+    return findings
+
+
+def baseline_path(device: str | None = None) -> Path:
+    return BASELINES / f"{device or device_class()}.json"
+
+
+def median_ratios(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per case, the median ratio over several benchmark runs (cases present in all of them)."""
+    cases = set.intersection(*(set(run) for run in runs))
+    return {case: sorted(run[case] for run in runs)[len(runs) // 2] for case in cases}
+
+
+def write_baseline(path: Path, counters: dict[str, int], ratios: dict[str, float], device: str) -> dict:
+    slack = FLOOR_SLACK.get(device, DEFAULT_SLACK)
+    baseline = {
+        "device_class": device,
+        "floor_slack": slack,
+        "counters": counters,
+        "ratio_floors": {case: round(ratio * slack, 2) for case, ratio in sorted(ratios.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(baseline, indent=2) + "\n")
+    return baseline
+
+
+def format_report(findings: list[Finding], counters: dict[str, int], ratios: dict[str, float], baseline: dict) -> str:
+    lines = [f"gate ({baseline.get('device_class', '?')}): {len(counters)} counters, "
+             f"{len(baseline.get('ratio_floors', {}))} speed floors"]
+    if not findings:
+        lines.append("PASS: every counter as expected, every engine/eager ratio above its floor")
+        for case, floor in sorted(baseline.get("ratio_floors", {}).items()):
+            lines.append(f"  {case}: {ratios[case]:.2f}x (floor {floor:.2f}x)")
+        return "\n".join(lines)
+    lines.append(f"FAIL: {len(findings)} regression(s)")
+    lines += [f"  {finding}" for finding in findings]
+    return "\n".join(lines)

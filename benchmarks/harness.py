@@ -39,13 +39,14 @@ def _peak_bytes(step: Callable, device: torch.device):
 
 
 def check_then_time(benchmark, step: Callable, reference: Callable, device: torch.device, *,
-                    case: str, provider: str, bytes_moved: int = 0, flops: int = 0,
-                    exact: Callable | None = None) -> None:
+                    case: str, provider: str, bytes_moved: int = 0, flops: int = 0, tokens: int = 0,
+                    peak_flops: float | None = None, exact: Callable | None = None) -> None:
     """Compare ``step()`` with ``reference()`` (normwise, tolerance table; or, given ``exact()``
     in float64, no further from it than twice the reference's error), then time ``step``.
 
-    Records in extra_info: case, provider, bytes moved / flops per call, the kernel launches of
-    one call (0 means PyTorch's path ran) and, on CUDA, the peak memory one call allocates.
+    Records in extra_info: case, provider, bytes moved / flops / tokens per call, the device's peak
+    FLOP/s when known (for MFU), the kernel launches of one call (0 means PyTorch's path ran) and,
+    on CUDA, the peak memory one call allocates.
     """
     with count_launches() as launches:
         got, peak = _peak_bytes(step, device)
@@ -57,6 +58,7 @@ def check_then_time(benchmark, step: Callable, reference: Callable, device: torc
             assert_close_normwise(g, e, what=f"{case} [{provider}] output {i}")
         else:
             assert_close_to_exact(g, e, exact_values[i], what=f"{case} [{provider}] output {i}")
-    benchmark.extra_info.update(case=case, provider=provider, bytes=bytes_moved, flops=flops,
-                                kernel_launches=launches.total(), peak_bytes=peak, device=str(device))
+    benchmark.extra_info.update(case=case, provider=provider, bytes=bytes_moved, flops=flops, tokens=tokens,
+                                peak_flops=peak_flops, kernel_launches=launches.total(), peak_bytes=peak,
+                                device=str(device))
     benchmark(synchronized(step, device))

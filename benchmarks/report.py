@@ -34,8 +34,8 @@ def run_suite(out_dir: Path, *, size: str | None = None, select: str | None = No
 
 
 def rows(report: dict) -> list[dict]:
-    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, launches, peak MiB
-    (CUDA only), ratio to eager."""
+    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, tokens/s, MFU (GPUs
+    with a known peak), launches, peak MiB (CUDA only), ratio to eager."""
     table = []
     for bench in report["benchmarks"]:
         info, median = bench["extra_info"], bench["stats"]["median"]
@@ -43,6 +43,8 @@ def rows(report: dict) -> list[dict]:
             case=info["case"], provider=info["provider"], median_s=median,
             gb_per_s=info["bytes"] / median / 1e9 if info.get("bytes") else None,
             tflop_per_s=info["flops"] / median / 1e12 if info.get("flops") else None,
+            tokens_per_s=info["tokens"] / median if info.get("tokens") else None,
+            mfu=info["flops"] / median / info["peak_flops"] if info.get("peak_flops") and info.get("flops") else None,
             kernel_launches=info.get("kernel_launches", 0),
             peak_mib=info["peak_bytes"] / 2**20 if info.get("peak_bytes") is not None else None,
         ))
@@ -57,10 +59,11 @@ def _cell(value, fmt: str) -> str:
 
 
 def format_table(table: list[dict]) -> str:
-    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "peak MiB", "launches", "vs eager")
+    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "tokens/s", "MFU", "peak MiB", "launches",
+              "vs eager")
     lines = [[r["case"], r["provider"], _cell(r["median_s"] * 1e3, ".3f"), _cell(r["gb_per_s"], ".1f"),
-              _cell(r["tflop_per_s"], ".2f"), _cell(r.get("peak_mib"), ".1f"), str(r["kernel_launches"]),
-              _cell(r["ratio_to_eager"], ".2f") + "x"]
+              _cell(r["tflop_per_s"], ".2f"), _cell(r.get("tokens_per_s"), ".0f"), _cell(r.get("mfu"), ".1%"),
+              _cell(r.get("peak_mib"), ".1f"), str(r["kernel_launches"]), _cell(r["ratio_to_eager"], ".2f") + "x"]
              for r in table]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -69,3 +72,37 @@ def format_table(table: list[dict]) -> str:
 
 def load(json_path: Path) -> list[dict]:
     return rows(json.loads(Path(json_path).read_text()))
+
+
+def draw_chart(table: list[dict], path: Path) -> Path | None:
+    """Horizontal bars of each provider's speed ratio to eager, per case (log scale); None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    cases = sorted({r["case"] for r in table})
+    providers = sorted({r["provider"] for r in table if r["provider"] != "eager"})
+    ratio = {(r["case"], r["provider"]): r["ratio_to_eager"] for r in table}
+    height = 0.8 / max(1, len(providers))
+    figure, axes = plt.subplots(figsize=(10, 0.5 + 0.45 * len(cases) * max(1, len(providers)) ** 0.5))
+    for i, provider in enumerate(providers):
+        values = [ratio.get((case, provider)) or 0.0 for case in cases]
+        axes.barh([c + i * height for c in range(len(cases))], values, height=height, label=provider)
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_xscale("log")
+    ratio_label = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x")
+    axes.xaxis.set_major_formatter(ratio_label)
+    axes.xaxis.set_minor_formatter(ratio_label)
+    axes.tick_params(axis="x", which="both", labelsize=7)
+    axes.set_yticks([c + 0.4 - height / 2 for c in range(len(cases))], cases, fontsize=7)
+    axes.set_xlabel("speed ratio to eager PyTorch (higher is faster)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -14,9 +14,11 @@ def _bench(args: argparse.Namespace) -> int:
     if not json_path.exists():
         print(f"benchmarks did not run (pytest exit code {code})", file=sys.stderr)
         return code or 1
+    table = report.load(json_path)
     print()
-    print(report.format_table(report.load(json_path)))
-    print(f"\nJSON: {json_path}")
+    print(report.format_table(table))
+    chart = report.draw_chart(table, json_path.with_suffix(".png"))
+    print(f"\nJSON: {json_path}" + (f"\nchart: {chart}" if chart else ""))
     return code
 
 
@@ -39,7 +41,7 @@ def _gate(args: argparse.Namespace) -> int:
     baseline = json.loads(path.read_text()) if path.exists() else {}
     counters = gate.collect_counters()
     runs = []
-    for _ in range(1 if args.bench_json or not args.update else 3):  # a baseline takes the median of 3 runs
+    for _ in range(1 if args.bench_json or not args.update else 3):  # a baseline takes the lowest of 3 runs
         if args.bench_json:
             rows = report.load(Path(args.bench_json))
         else:
@@ -50,7 +52,7 @@ def _gate(args: argparse.Namespace) -> int:
                     return code or 1
                 rows = report.load(json_path)
         runs.append(gate.engine_ratios(rows))
-    ratios = gate.median_ratios(runs)
+    ratios = gate.lowest_ratios(runs)
     if args.update:
         gate.write_baseline(path, counters, ratios, device)
         print(f"gate: wrote {path} ({len(counters)} counters, {len(ratios)} speed floors)")

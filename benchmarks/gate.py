@@ -127,6 +127,8 @@ def baseline_path(device: str | None = None) -> Path:
 
 def lowest_ratios(runs: list[dict[str, float]]) -> dict[str, float]:
     """Per case, the lowest ratio over several benchmark runs (cases present in all of them)."""
+    if not runs:
+        raise ValueError("lowest_ratios: no benchmark runs")
     cases = set.intersection(*(set(run) for run in runs))
     return {case: min(run[case] for run in runs) for case in cases}
 
@@ -137,7 +139,7 @@ def write_baseline(path: Path, counters: dict[str, int], ratios: dict[str, float
         "device_class": device,
         "floor_slack": slack,
         "counters": counters,
-        "ratio_floors": {case: round(ratio * slack, 2) for case, ratio in sorted(ratios.items())},
+        "ratio_floors": {case: max(round(ratio * slack, 2), 0.01) for case, ratio in sorted(ratios.items())},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(baseline, indent=2) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def bpe_tokenizer(text: str, vocab_size: int = 4096, cache_dir: str | Path | Non
                                   special_tokens=["<|endoftext|>"])
     tokenizer.train_from_iterator(text.splitlines(), trainer)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # one per process: torchrun ranks train it side by side
     tokenizer.save(str(tmp))
     tmp.replace(cache)
     return tokenizer

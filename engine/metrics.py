@@ -1,6 +1,7 @@
 """Evaluation metrics: accuracy, precision, recall and F1 (per class and macro), the confusion
-matrix, and perplexity. A class that is never predicted (or never present) scores 0 where the
-ratio is undefined, as scikit-learn's zero_division=0."""
+matrix, and perplexity. Where a ratio is undefined (a class never predicted, or never present) it
+scores 0, as scikit-learn's zero_division=0; macro averages run over the classes that occur in the
+labels or the predictions, as scikit-learn's do."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 
 def classification_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """accuracy, per-class precision/recall/f1/support, their macro averages, and the confusion matrix."""
+    for name, values in (("predictions", predictions), ("labels", labels)):
+        if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < num_classes:
+            raise ValueError(f"classification_report: {name} must lie in [0, {num_classes}), "
+                             f"got [{int(values.min())}, {int(values.max())}]")
     matrix = confusion_matrix(predictions, labels, num_classes).double()
     true_positive = matrix.diagonal()
     predicted, actual = matrix.sum(0), matrix.sum(1)
@@ -26,6 +31,8 @@ def classification_report(predictions: torch.Tensor, labels: torch.Tensor, num_c
 
     precision, recall = ratio(true_positive, predicted), ratio(true_positive, actual)
     f1 = ratio(2 * precision * recall, precision + recall)
+    seen = (predicted + actual) > 0
+    macro = lambda values: values[seen].mean().item() if seen.any() else 0.0  # noqa: E731
     total = matrix.sum().item()
     return {
         "accuracy": true_positive.sum().item() / total if total else 0.0,
@@ -33,9 +40,9 @@ def classification_report(predictions: torch.Tensor, labels: torch.Tensor, num_c
         "recall": recall.tolist(),
         "f1": f1.tolist(),
         "support": actual.long().tolist(),
-        "macro_precision": precision.mean().item(),
-        "macro_recall": recall.mean().item(),
-        "macro_f1": f1.mean().item(),
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
         "confusion_matrix": matrix.long().tolist(),
     }
 

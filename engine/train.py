@@ -57,6 +57,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.grad_accumulation < 1 or self.batch_size < 1 or self.steps < 1:
             raise ValueError("TrainConfig: steps, batch_size and grad_accumulation must be positive")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"TrainConfig: checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
+                             f"({self.log_every}), so a resumed run logs the same windows")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -154,6 +157,20 @@ def _load_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class Checkpoints:
     """Checkpoints in ``out_dir``: folders ``step-N`` published by atomically replacing ``latest``."""
 
@@ -161,41 +178,51 @@ class Checkpoints:
         self.out_dir = out_dir
 
     def latest(self) -> Path | None:
+        """The published checkpoint; if ``latest`` names a folder that is gone, the newest complete one."""
         pointer = self.out_dir / "latest"
         if not pointer.exists():
             return None
         folder = self.out_dir / pointer.read_text().strip()
-        return folder if folder.is_dir() else None
+        if folder.is_dir():
+            return folder
+        complete = [p for p in self.out_dir.glob("step-*") if (p / "state.pt").exists() and (p / "model.safetensors").exists()]
+        if not complete:
+            raise RuntimeError(f"{pointer} names {folder.name}, which is missing, and no complete checkpoint remains")
+        return max(complete, key=lambda p: int(p.name.removeprefix("step-")))
 
-    def save(self, step: int, model, optimizer, scheduler, stream: BatchStream, device: torch.device) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, scaler, stream: BatchStream, device: torch.device) -> Path:
         name = f"step-{step}"
         tmp = self.out_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(device), "data": stream.state()}, tmp / "state.pt")
+                    "scaler": scaler.state_dict(), "rng": _rng_state(device), "data": stream.state()}, tmp / "state.pt")
         for path in tmp.iterdir():
             with path.open("rb") as file:
                 os.fsync(file.fileno())
         final = self.out_dir / name
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        _fsync_dir(self.out_dir)  # the rename is on disk before the pointer names it
         pointer_tmp = self.out_dir / ".latest.tmp"
         pointer_tmp.write_text(name)
         with pointer_tmp.open("rb") as file:
             os.fsync(file.fileno())
         previous = self.latest()
         os.replace(pointer_tmp, self.out_dir / "latest")  # the publish: atomic on POSIX
+        _fsync_dir(self.out_dir)
         if previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
         return final
 
-    def load(self, folder: Path, model, optimizer, scheduler, stream: BatchStream, device: torch.device) -> int:
+    def load(self, folder: Path, model, optimizer, scheduler, scaler, stream: BatchStream, device: torch.device) -> int:
         safetensors.torch.load_model(model, str(folder / "model.safetensors"), device=str(device))
         state = torch.load(folder / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
         stream.load_state(state["data"])
         _load_rng_state(state["rng"], device)
         return state["step"]
@@ -209,7 +236,7 @@ class MetricsLog:
         kept = []
         if keep_until is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
-        path.write_text("".join(line + "\n" for line in kept))
+        _write_atomically(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as file:
@@ -292,7 +319,7 @@ def train(
     start = 0
     latest = checkpoints.latest()
     if latest is not None:
-        start = checkpoints.load(latest, _unwrap(model), optimizer, scheduler, stream, device)
+        start = checkpoints.load(latest, _unwrap(model), optimizer, scheduler, scaler, stream, device)
     log = MetricsLog(out_dir / "metrics.jsonl", keep_until=start) if rank == 0 else None
     for module in model.modules():
         if hasattr(type(module), "activation_checkpointing"):
@@ -336,7 +363,7 @@ def train(
                 print(f"step {done}/{config.steps}  eval " + "  ".join(
                     f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)), file=sys.stderr, flush=True)
             if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-                checkpoints.save(done, _unwrap(model), optimizer, scheduler, stream, device)
+                checkpoints.save(done, _unwrap(model), optimizer, scheduler, scaler, stream, device)
             if world > 1:
                 torch.distributed.barrier()
     if rank != 0:

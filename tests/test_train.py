@@ -46,8 +46,11 @@ def test_classification_report_and_perplexity():
     assert report["confusion_matrix"][2] == [0, 1, 2, 0] and report["support"] == [3, 1, 3, 0]
     assert report["precision"][:3] == pytest.approx([1.0, 0.5, 2 / 3]) and report["precision"][3] == 0.0
     assert report["recall"][:3] == pytest.approx([2 / 3, 1.0, 2 / 3])
-    assert report["f1"][0] == pytest.approx(0.8) and report["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3 + 0) / 4)
+    # class 3 never occurs: it is left out of the macro averages, as scikit-learn does
+    assert report["f1"][0] == pytest.approx(0.8) and report["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
     assert metrics.perplexity(0.0) == 1.0
+    with pytest.raises(ValueError, match="labels must lie in"):
+        metrics.classification_report(predictions, labels + 2, 4)
 
 
 def test_settings_from_the_command_line():
@@ -57,6 +60,8 @@ def test_settings_from_the_command_line():
         config_from_args(TrainConfig(), ["stepz=7"])
     with pytest.raises(ValueError, match="precision"):
         config_from_args(TrainConfig(), ["precision=fp8"])
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        TrainConfig(checkpoint_every=50, log_every=15)
 
 
 def _classifier():
@@ -240,3 +245,18 @@ def test_attention_maps_are_drawn_per_layer(tmp_path):
     paths = visualize.attention_maps(model, tokenizer, "the film was a delight", tmp_path)
     assert [p.name for p in paths] == [f"layer-{i}.png" for i in range(6)]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_a_pointer_to_a_missing_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
+    from engine.train import Checkpoints
+
+    for step in (4, 8):
+        folder = tmp_path / f"step-{step}"
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"x")
+        (folder / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "step-12").mkdir()  # incomplete: a crash while writing it
+    (tmp_path / "latest").write_text("step-16")  # names a folder that is gone
+    assert Checkpoints(tmp_path).latest() == tmp_path / "step-8"
+    (tmp_path / "latest").write_text("step-8")
+    assert Checkpoints(tmp_path).latest() == tmp_path / "step-8"

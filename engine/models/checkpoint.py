@@ -115,7 +115,11 @@ def load_gguf_llama(path: str | Path, *, device=None, dtype=torch.float32) -> GP
 
     reader = gguf.GGUFReader(str(path))
 
-    def field(name):
+    def field(name, default=None):
+        if name not in reader.fields:
+            if default is None:
+                raise ValueError(f"load_gguf_llama: {path} lacks the metadata field {name}")
+            return default
         return reader.fields[name].contents()
 
     arch = field("general.architecture")
@@ -125,12 +129,13 @@ def load_gguf_llama(path: str | Path, *, device=None, dtype=torch.float32) -> GP
     for t in reader.tensors:
         values = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(values.reshape(tuple(reversed(t.shape.tolist()))), np.float32))
-    heads, kv_heads = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
+    heads = field("llama.attention.head_count")
+    kv_heads = field("llama.attention.head_count_kv", heads)  # optional in GGUF: no grouping
     config = GPTConfig.named(
         "llama-tiny", vocab_size=tensors["token_embd.weight"].shape[0], max_positions=field("llama.context_length"),
         embed_dim=field("llama.embedding_length"), num_layers=field("llama.block_count"), num_heads=heads,
         num_kv_heads=kv_heads, hidden_dim=field("llama.feed_forward_length"),
-        eps=field("llama.attention.layer_norm_rms_epsilon"), rope_base=field("llama.rope.freq_base"),
+        eps=field("llama.attention.layer_norm_rms_epsilon"), rope_base=field("llama.rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensors,
     )
     state = {"tok_embed.weight": tensors["token_embd.weight"], "norm.weight": tensors["output_norm.weight"]}

@@ -147,6 +147,17 @@ class GPT(torch.nn.Module):
         ``eos_token_id`` are padded with it. Returns (B, S + new)."""
         if max_new_tokens <= 0:
             return input_ids
+        if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1) or (top_p is not None and top_p <= 0)):
+            raise ValueError("generate: sampling needs temperature > 0, top_k >= 1 and top_p > 0")
+        was_training = self.training
+        self.eval()  # no dropout while decoding
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id,
+                                  generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, generator):
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         logits = self(input_ids, cache=cache)[:, -1]
         tokens, finished = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine.testing import assert_close, assert_close_to_exact, check_against_torch, kernel_device, triton_launches
+from engine.testing import assert_close, assert_close_to_exact, check_against_torch, kernel_device
 
 DEVICE = kernel_device()
 

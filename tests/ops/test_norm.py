@@ -48,7 +48,6 @@ def test_norm_matches_torch(kind, dtype, shape, kernel_device):
     width = shape[-1]
     x = torch.randn(shape, dtype=dtype, device=kernel_device) * 2 + 0.5
     weight, bias = _params(kind, width, dtype, kernel_device)
-    eps = 1e-5
 
     launches = check_against_torch(*_pair(kind, (width,), 1e-5), x, weight, bias, names=_names(weight, bias))
     op = "rms_norm" if kind.startswith("rms") else "layer_norm"

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 
-import engine
 from engine import backend, extension
 from engine.launches import count_launches
 from engine.optim import FusedAdamW

@@ -83,6 +83,21 @@ def _build_ext(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cross_compile(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    if os.environ.pop("TRITON_INTERPRET", None) not in (None, "0"):
+        print("cross-compile: ignoring TRITON_INTERPRET (the kernels are compiled, not interpreted)", file=sys.stderr)
+    from engine.kernels import cross_compile
+
+    results = cross_compile.cross_compile(args.arch, quick=args.quick)
+    print(cross_compile.format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(cross_compile.as_json(results), indent=1) + "\n")
+    return 1 if any(r.error for r in results) else 0
+
+
 def _settings_help(config) -> str:
     import dataclasses
 
@@ -209,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     gate_parser.add_argument("--max-time", type=float, default=0.3, help="seconds of timing per benchmark")
     gate_parser.add_argument("--update", action="store_true", help="rewrite the baseline from this run, on purpose")
     gate_parser.set_defaults(command=_gate)
+    cross = verbs.add_parser("cross-compile", help="compile the Triton kernels for GPUs without one; report registers, spills, shared memory")
+    cross.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities, e.g. 90 for H100/H200 (default: %(default)s)")
+    cross.add_argument("--quick", action="store_true", help="fewer head dims, dtypes and widths")
+    cross.add_argument("--json", help="also write the results to this JSON file")
+    cross.set_defaults(command=_cross_compile)
     build_ext = verbs.add_parser("build-ext", help="compile the C++/CUDA extension now (else on first use) and report it")
     build_ext.add_argument("--verbose", action="store_true", help="show the compiler commands")
     build_ext.set_defaults(command=_build_ext)

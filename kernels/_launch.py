@@ -1,19 +1,54 @@
-"""Launch bookkeeping shared by every launcher: counted launches and device heuristics."""
+"""Launch bookkeeping shared by every launcher: counted launches, the launching device, tile
+choice by shared memory, and device heuristics."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Callable
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from engine.backend import interpreting
 from engine.launches import LAUNCHES, count_launches, record  # noqa: F401  (re-exported)
 
 
+def _on_device_of(args: tuple):
+    """Triton launches on the current CUDA device: make it the first tensor argument's."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
-    """Launch ``kernel`` on ``grid`` and count it under ``name``."""
-    kernel[grid](*args, **meta)
+    """Launch ``kernel`` on ``grid`` on its tensors' device and count it under ``name``."""
+    with _on_device_of(args):
+        kernel[grid](*args, **meta)
     record(name)
+
+
+# (launch name, device, compile-time arguments, tensor dtypes) -> index of the first tile that fits
+FITTING_TILE: dict[tuple, int] = {}
+
+
+def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tuple[int, ...]], *args, **meta) -> None:
+    """Launch with the first of ``tiles`` (largest first) that fits the device's shared memory.
+
+    Triton checks shared memory when a compiled program is first loaded and raises
+    OutOfResources before anything runs; the next tile is tried then, and the choice is kept per
+    launch name, device, compile-time arguments and dtypes. ``grid(tile)`` gives the grid.
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(t.dtype for t in tensors))
+    for index in range(FITTING_TILE.get(key, 0), len(tiles)):
+        try:
+            launch(name, kernel, grid(tiles[index]), *args, **meta, **tiles[index])
+        except OutOfResources as error:
+            if index == len(tiles) - 1:
+                raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error
+            continue
+        FITTING_TILE[key] = index
+        return
 
 
 @functools.lru_cache(maxsize=None)

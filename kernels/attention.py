@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from engine.backend import interpreting
-from engine.kernels._launch import check_same_device, launch
+from engine.kernels._launch import check_same_device, launch, launch_tiled
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -381,19 +381,28 @@ def _dropout_mask_kernel(
         tl.store(Keep + offsets, keep, mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
 
-def _blocks(head_dim: int, dtype: torch.dtype, *, backward: bool) -> dict:
-    """Tile sizes and warps by head dim and dtype, within ~100 KB of shared memory (sm_86/89 too)."""
+def _tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> list[dict]:
+    """Tile sizes, warps and stages by head dim and dtype, largest first: the launcher takes the
+    first that fits the GPU's shared memory (227 KiB per program on H100/H200, 163 KiB on A100,
+    99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    if block_d > 128 and dtype == torch.float32:
-        block_m, block_n, stages = 32, 32, 1
-    elif block_d > 128 or dtype == torch.float32:
-        block_m, block_n, stages = (32, 32, 2) if backward else (64, 32, 2)
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)]
+    # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
+    # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
+    if dtype != torch.float32:
+        if block_d <= 128:
+            ladder = [(64, 64, 2), (64, 32, 2), (32, 32, 1)] if backward else [(128, 64, 3), (128, 64, 2), (64, 64, 2)]
+        else:
+            ladder = [(32, 32, 2), (32, 32, 1), (16, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2), (32, 32, 1)]
+    elif block_d <= 64:
+        ladder = [(32, 32, 2), (32, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2)]
+    elif block_d <= 128:
+        ladder = [(32, 32, 1), (16, 16, 1)] if backward else [(32, 16, 2), (16, 16, 2)]
     else:
-        block_m, block_n, stages = (64, 64, 2) if backward else (128, 64, 3)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
-                num_stages=stages)
+        ladder = [(32, 32, 1), (16, 32, 1), (16, 16, 1)] if backward else [(32, 32, 1), (16, 32, 1)]
+    return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
+                 num_stages=stages) for block_m, block_n, stages in ladder]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -514,13 +523,12 @@ def attention_forward(
     out = torch.empty_like(q)
     lse, lse_strides = layout.new_lse(q)
     mask, mask_strides, mask_is_bool = _mask_args(mask, layout)
-    blocks = _blocks(layout.head_dim, q.dtype, backward=False)
     if q.numel() == 0 or layout.seqlen_k == 0:
         out.zero_(), lse.fill_(float("inf"))
         return out, lse
-    launch(
-        "attention_fwd", _attn_fwd_kernel,
-        (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, blocks["BLOCK_M"])),
+    launch_tiled(
+        "attention_fwd", _attn_fwd_kernel, _tiles(layout.head_dim, q.dtype, backward=False),
+        lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
         q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         *lse_strides, *mask_strides,
@@ -529,7 +537,7 @@ def attention_forward(
         scale, dropout_p, seed,
         IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=layout.varlen,
-        DOT_PRECISION=_dot_precision(q.dtype), **blocks,
+        DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
 
@@ -566,32 +574,34 @@ def attention_backward(
         MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=layout.varlen,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
-    blocks = _blocks(layout.head_dim, q.dtype, backward=True)
-    rows_grid = (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, blocks["BLOCK_M"]))
+    delta_rows = max(16, 4096 // triton.next_power_of_2(layout.head_dim))  # O and dO tiles in registers
     launch(
-        "attention_bwd_delta", _attn_bwd_delta_kernel, rows_grid,
+        "attention_bwd_delta", _attn_bwd_delta_kernel,
+        (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, delta_rows)),
         out, do, delta, *layout.strides(out), *layout.strides(do), *lse_strides, cu_seqlens_q,
         layout.heads, layout.seqlen_q, layout.head_dim,
-        IS_VARLEN=layout.varlen, BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
+        IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=max(16, triton.next_power_of_2(layout.head_dim)),
     )
     shared = (
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
     )
     sizes = (layout.seqlen_q, layout.seqlen_k, layout.head_dim, scale, dropout_p, seed)
-    launch(
-        "attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
-        (layout.batch * layout.kv_heads, triton.cdiv(layout.seqlen_k, blocks["BLOCK_N"])),
+    tiles = _tiles(layout.head_dim, q.dtype, backward=True)
+    launch_tiled(
+        "attention_bwd_dkdv", _attn_bwd_dkdv_kernel, tiles,
+        lambda tile: (layout.batch * layout.kv_heads, triton.cdiv(layout.seqlen_k, tile["BLOCK_N"])),
         q, k, v, do, dk, dv, lse, delta, mask, cu_seqlens_q, cu_seqlens_k,
         *shared, *layout.strides(dk), *lse_strides, *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, layout.kv_heads, *sizes,
-        **flags, **blocks,
+        **flags,
     )
-    launch(
-        "attention_bwd_dq", _attn_bwd_dq_kernel, rows_grid,
+    launch_tiled(
+        "attention_bwd_dq", _attn_bwd_dq_kernel, tiles,
+        lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
         q, k, v, do, dq, lse, delta, mask, cu_seqlens_q, cu_seqlens_k,
         *shared, *layout.strides(dq), *lse_strides, *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, *sizes,
-        **flags, **blocks,
+        **flags,
     )
     return dq, dk, dv
 

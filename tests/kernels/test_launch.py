@@ -1,0 +1,55 @@
+"""launch_tiled: the first tile that fits the GPU's shared memory, remembered; a clear error when none does."""
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from engine.kernels import _launch, count_launches
+
+TILES = [dict(BLOCK_M=128), dict(BLOCK_M=64), dict(BLOCK_M=32)]
+
+
+class FakeKernel:
+    """Stands in for a compiled Triton kernel on a GPU with ``limit`` bytes of shared memory:
+    a tile of BLOCK_M rows needs BLOCK_M KiB."""
+
+    def __init__(self, limit: int):
+        self.limit, self.attempts, self.launched = limit, [], []
+
+    def __getitem__(self, grid):
+        def run(*args, BLOCK_M):
+            self.attempts.append(BLOCK_M)
+            if BLOCK_M * 1024 > self.limit:
+                raise OutOfResources(BLOCK_M * 1024, self.limit, "shared memory")
+            self.launched.append((grid, BLOCK_M))
+        return run
+
+
+@pytest.fixture(autouse=True)
+def _forget_tiles():
+    _launch.FITTING_TILE.clear()
+    yield
+    _launch.FITTING_TILE.clear()
+
+
+def test_steps_down_to_the_first_fitting_tile_and_remembers_it():
+    kernel, x = FakeKernel(limit=80 * 1024), torch.zeros(1000)
+    grid = lambda tile: (x.numel() // tile["BLOCK_M"] + 1,)  # noqa: E731
+    with count_launches() as launches:
+        _launch.launch_tiled("fake", kernel, TILES, grid, x)
+        _launch.launch_tiled("fake", kernel, TILES, grid, x)
+    assert kernel.attempts == [128, 64, 64]  # the second call starts at the remembered tile
+    assert kernel.launched == [((16,), 64), ((16,), 64)]
+    assert launches == {"fake": 2}  # refused attempts are not counted
+
+
+def test_the_choice_is_kept_per_dtype():
+    kernel = FakeKernel(limit=80 * 1024)
+    _launch.launch_tiled("fake", kernel, TILES, lambda tile: (1,), torch.zeros(4))
+    _launch.launch_tiled("fake", kernel, TILES, lambda tile: (1,), torch.zeros(4, dtype=torch.float16))
+    assert kernel.attempts == [128, 64, 128, 64]
+
+
+def test_no_fitting_tile_raises_naming_the_launch():
+    with pytest.raises(RuntimeError, match="fake: no tile configuration fits this GPU"):
+        _launch.launch_tiled("fake", FakeKernel(limit=16 * 1024), TILES, lambda tile: (1,), torch.zeros(4))

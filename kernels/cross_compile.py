@@ -125,8 +125,9 @@ def _norm_case(rms: bool, dtype: torch.dtype, width: int, residual: bool = False
         x = torch.randn(64, width, dtype=dtype)
         weight = torch.ones(width, dtype=dtype)
         bias = None if rms else torch.zeros(width, dtype=dtype)
-        y, h, mean, rstd = norm_forward(x, weight, bias, torch.randn_like(x) if residual else None, eps=1e-5, rms=rms)
-        norm_backward(torch.randn_like(y), x if h is None else h, weight, mean, rstd, torch.randn_like(x) if residual else None,
+        other = torch.randn_like(x) if residual else None  # the residual, then the gradient reaching h
+        y, h, mean, rstd = norm_forward(x, weight, bias, other, eps=1e-5, rms=rms)
+        norm_backward(torch.randn_like(y), x if h is None else h, weight, mean, rstd, other,
                       bias_dtype=None if rms else dtype, rms=rms)
     return run
 

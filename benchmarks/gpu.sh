@@ -34,15 +34,15 @@ print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_devic
 PY
   echo "ninja $(ninja --version)"
   echo
-  timeout 90 "$py" -m engine build-ext  # the extension compiles once, before the tests use it
+  timeout 60 "$py" -m engine build-ext  # the extension compiles once, before the tests use it
   echo "build-ext exit code $?"
 } > "$out/setup.txt" 2>&1
 
 if [ -z "$only_compile" ]; then
   # Kernels, ops, modules and the optimizer on CUDA; Triton compiles each kernel variant on first
-  # use, so the tests run in 8 processes when pytest-xdist is there.
-  workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 8")
-  timeout -s INT -k 20 140 "$py" -m pytest "$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/nn" "$repo/tests/optim" \
+  # use (hundreds of variants, about a second each), so the tests run in 12 processes with pytest-xdist.
+  workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 12")
+  timeout -s INT -k 20 200 "$py" -m pytest "$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/nn" "$repo/tests/optim" \
     -c "$repo/pyproject.toml" --rootdir "$repo" -q -p no:cacheprovider $workers -rfE \
     --ignore "$repo/tests/kernels/test_cross_compile.py" > "$out/tests.txt" 2>&1
   echo "tests exit code $?" >> "$out/tests.txt"

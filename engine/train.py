@@ -172,7 +172,8 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class Checkpoints:
-    """Checkpoints in ``out_dir``: folders ``step-N`` published by atomically replacing ``latest``."""
+    """Checkpoints in ``out_dir``: folders ``step-N`` published by atomically replacing ``latest``;
+    a save keeps only the checkpoint it published."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
@@ -209,11 +210,13 @@ class Checkpoints:
         pointer_tmp.write_text(name)
         with pointer_tmp.open("rb") as file:
             os.fsync(file.fileno())
-        previous = self.latest()
         os.replace(pointer_tmp, self.out_dir / "latest")  # the publish: atomic on POSIX
         _fsync_dir(self.out_dir)
-        if previous is not None and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)
+        # Only now is anything older deleted: every other step-N (one a kill left behind between
+        # an earlier publish and its cleanup too) and half-written temporary folders.
+        for stale in [*self.out_dir.glob("step-*"), *self.out_dir.glob(".step-*.tmp")]:
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
         return final
 
     def load(self, folder: Path, model, optimizer, scheduler, scaler, stream: BatchStream, device: torch.device) -> int:

@@ -260,3 +260,22 @@ def test_a_pointer_to_a_missing_checkpoint_falls_back_to_the_newest_complete_one
     assert Checkpoints(tmp_path).latest() == tmp_path / "step-8"
     (tmp_path / "latest").write_text("step-8")
     assert Checkpoints(tmp_path).latest() == tmp_path / "step-8"
+
+
+def test_a_save_removes_what_a_kill_left_behind(tmp_path):
+    from engine.models import GPT, GPTConfig
+    from engine.train import BatchStream, Checkpoints
+
+    for leftover in ("step-4", "step-8", ".step-12.tmp"):  # killed after publishing step-8, then mid-save
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "state.pt").write_bytes(b"x")
+    (tmp_path / "latest").write_text("step-8")
+    model = GPT(GPTConfig.named("tiny"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stream = BatchStream(list(range(10)), 2, list, seed=0)
+    checkpoints = Checkpoints(tmp_path)
+    saved = checkpoints.save(12, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), stream,
+                             torch.device("cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-12"]
+    assert checkpoints.latest() == saved and (saved / "model.safetensors").exists()

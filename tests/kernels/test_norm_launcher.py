@@ -43,3 +43,11 @@ def test_bad_arguments(kwargs, error, match):
     kwargs = dict(dict(eps=1e-5, rms=False), **kwargs)
     with pytest.raises(error, match=match):
         norm_forward(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_launches_on_the_tensors_gpu_not_the_current_one():
+    x = torch.randn(8, 64, device="cuda:1")
+    with torch.cuda.device(0):
+        y = norm_forward(x, eps=1e-5, rms=False)[0]
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (64,)))

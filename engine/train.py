@@ -178,6 +178,10 @@ class Checkpoints:
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
 
+    def _folders(self) -> list[Path]:
+        """Every step-N folder (N digits only: a user's "step-500-keep" is not ours)."""
+        return [p for p in self.out_dir.glob("step-*") if p.name.removeprefix("step-").isdigit()]
+
     def latest(self) -> Path | None:
         """The published checkpoint; if ``latest`` names a folder that is gone, the newest complete one."""
         pointer = self.out_dir / "latest"
@@ -186,7 +190,7 @@ class Checkpoints:
         folder = self.out_dir / pointer.read_text().strip()
         if folder.is_dir():
             return folder
-        complete = [p for p in self.out_dir.glob("step-*") if (p / "state.pt").exists() and (p / "model.safetensors").exists()]
+        complete = [p for p in self._folders() if (p / "state.pt").exists() and (p / "model.safetensors").exists()]
         if not complete:
             raise RuntimeError(f"{pointer} names {folder.name}, which is missing, and no complete checkpoint remains")
         return max(complete, key=lambda p: int(p.name.removeprefix("step-")))
@@ -214,7 +218,7 @@ class Checkpoints:
         _fsync_dir(self.out_dir)
         # Only now is anything older deleted: every other step-N (one a kill left behind between
         # an earlier publish and its cleanup too) and half-written temporary folders.
-        for stale in [*self.out_dir.glob("step-*"), *self.out_dir.glob(".step-*.tmp")]:
+        for stale in [*self._folders(), *self.out_dir.glob(".step-*.tmp")]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
         return final

@@ -27,7 +27,7 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     record(name)
 
 
-# (launch name, device, compile-time arguments, tensor dtypes) -> index of the first tile that fits
+# (launch name, device, compile-time arguments, tensor dtypes, tiles) -> index of the first tile that fits
 FITTING_TILE: dict[tuple, int] = {}
 
 
@@ -36,10 +36,11 @@ def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tu
 
     Triton checks shared memory when a compiled program is first loaded and raises
     OutOfResources before anything runs; the next tile is tried then, and the choice is kept per
-    launch name, device, compile-time arguments and dtypes. ``grid(tile)`` gives the grid.
+    launch name, device, compile-time arguments, dtypes and tile list. ``grid(tile)`` gives the grid.
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(t.dtype for t in tensors))
+    key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(t.dtype for t in tensors),
+           tuple(tuple(tile.items()) for tile in tiles))
     for index in range(FITTING_TILE.get(key, 0), len(tiles)):
         try:
             launch(name, kernel, grid(tiles[index]), *args, **meta, **tiles[index])

@@ -178,12 +178,12 @@ def cross_compile(archs: list[int], quick: bool = False) -> list[CaseResult]:
     """Run every case for each architecture; compile errors are caught and reported per case."""
     if not isinstance(attention._attn_fwd_kernel, JITFunction):
         raise RuntimeError("cross-compile: TRITON_INTERPRET was set when engine.kernels was imported; unset it")
-    results = []
+    results, fitting = [], dict(_launch.FITTING_TILE)
     try:
         for arch in archs:
             gpu = VirtualGPU(arch)
             triton.runtime.driver.set_active(gpu)
-            _launch.FITTING_TILE.clear()
+            _launch.FITTING_TILE.clear()  # tile choices are per GPU
             for name, run in cases(quick).items():
                 first = len(gpu.programs)
                 result = CaseResult(arch, name)
@@ -195,6 +195,8 @@ def cross_compile(archs: list[int], quick: bool = False) -> list[CaseResult]:
                 results.append(result)
     finally:
         triton.runtime.driver.set_active(None)  # back to the machine's own driver, made when next needed
+        _launch.FITTING_TILE.clear()
+        _launch.FITTING_TILE.update(fitting)
     return results
 
 

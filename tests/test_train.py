@@ -266,7 +266,8 @@ def test_a_save_removes_what_a_kill_left_behind(tmp_path):
     from engine.models import GPT, GPTConfig
     from engine.train import BatchStream, Checkpoints
 
-    for leftover in ("step-4", "step-8", ".step-12.tmp"):  # killed after publishing step-8, then mid-save
+    # killed after publishing step-8 (before removing step-4), then in the middle of saving step-10
+    for leftover in ("step-4", "step-8", ".step-10.tmp", "step-500-keep"):
         (tmp_path / leftover).mkdir()
         (tmp_path / leftover / "state.pt").write_bytes(b"x")
     (tmp_path / "latest").write_text("step-8")
@@ -277,5 +278,5 @@ def test_a_save_removes_what_a_kill_left_behind(tmp_path):
     checkpoints = Checkpoints(tmp_path)
     saved = checkpoints.save(12, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), stream,
                              torch.device("cpu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-12", "step-500-keep"]
     assert checkpoints.latest() == saved and (saved / "model.safetensors").exists()

@@ -50,6 +50,16 @@ def test_the_choice_is_kept_per_dtype():
     assert kernel.attempts == [128, 64, 128, 64]
 
 
+def test_the_choice_is_kept_per_tile_list():
+    """A step down remembered for one list (say head dim 256) must not skip or shrink another's."""
+    kernel = FakeKernel(limit=40 * 1024)
+    with count_launches() as launches:
+        _launch.launch_tiled("fake", kernel, TILES, lambda tile: (1,), torch.zeros(4))  # settles on index 2
+        _launch.launch_tiled("fake", kernel, [dict(BLOCK_M=32), dict(BLOCK_M=16)], lambda tile: (1,), torch.zeros(4))
+    assert launches == {"fake": 2}
+    assert kernel.launched == [((1,), 32), ((1,), 32)]
+
+
 def test_no_fitting_tile_raises_naming_the_launch():
     with pytest.raises(RuntimeError, match="fake: no tile configuration fits this GPU"):
         _launch.launch_tiled("fake", FakeKernel(limit=16 * 1024), TILES, lambda tile: (1,), torch.zeros(4))

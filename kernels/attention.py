@@ -32,7 +32,8 @@ from engine.kernels._launch import check_same_device, launch, launch_tiled
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # scores run in the exp2 domain
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def _masked_scores(
         if MASK_IS_BOOL:
             visible = visible & (m != 0)
         else:
-            s += m.to(tl.float32) * 1.4426950408889634
+            s += m.to(tl.float32) * LOG2E
     return tl.where(visible, s, float("-inf"))
 
 
@@ -164,7 +165,7 @@ def _attn_fwd_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -190,7 +191,7 @@ def _attn_fwd_kernel(
 
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_tokens[:, None] * stride_os + dims[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
     tl.store(LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows, lse, mask=row_mask)
@@ -259,7 +260,7 @@ def _attn_bwd_dkdv_kernel(
     k_tokens = (k_start + cols).to(tl.int64)
     k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, k_tokens, stride_ks, dims, kv_mask)
     v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, k_tokens, stride_vs, dims, kv_mask)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     begin = 0
@@ -280,7 +281,7 @@ def _attn_bwd_dkdv_kernel(
             qd_mask = row_mask[:, None] & dim_mask[None, :]
             q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
             do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
-            lse = tl.load(lse_base + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
+            lse = tl.load(lse_base + rows, mask=row_mask, other=float("inf")) * LOG2E
             delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
             s = _masked_scores(q, k, Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k, causal_offset,
                                qk_scale, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, DOT_PRECISION)
@@ -338,12 +339,12 @@ def _attn_bwd_dq_kernel(
     q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, q_tokens, stride_qs, dims, qd_mask)
     do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, q_tokens, stride_dos, dims, qd_mask)
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows
-    lse = tl.load(LSE + lse_offset, mask=row_mask, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(LSE + lse_offset, mask=row_mask, other=float("inf")) * LOG2E
     delta = tl.load(Delta + lse_offset, mask=row_mask, other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):

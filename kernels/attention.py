@@ -382,11 +382,16 @@ def _dropout_mask_kernel(
         tl.store(Keep + offsets, keep, mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
 
+def _head_block(head_dim: int) -> int:
+    """BLOCK_D: the head dim rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> list[dict]:
     """Tile sizes, warps and stages by head dim and dtype, largest first: the launcher takes the
     first that fits the GPU's shared memory (227 KiB per program on H100/H200, 163 KiB on A100,
     99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = _head_block(head_dim)
     if interpreting():
         return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)]
     # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
@@ -575,13 +580,14 @@ def attention_backward(
         MASK_IS_BOOL=mask_is_bool, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=layout.varlen,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
-    delta_rows = max(16, 4096 // triton.next_power_of_2(layout.head_dim))  # O and dO tiles in registers
+    block_d = _head_block(layout.head_dim)
+    delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
     launch(
         "attention_bwd_delta", _attn_bwd_delta_kernel,
         (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, delta_rows)),
         out, do, delta, *layout.strides(out), *layout.strides(do), *lse_strides, cu_seqlens_q,
         layout.heads, layout.seqlen_q, layout.head_dim,
-        IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=max(16, triton.next_power_of_2(layout.head_dim)),
+        IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
     shared = (
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),

@@ -25,8 +25,9 @@ engine::DType dtype_of(const at::Tensor& t, const char* name) {
   }
 }
 
-// Every tensor of `list` on `device`, of `dtype`, contiguous, and (when `like` is given) with
-// as many elements as like[i]. Returns the data pointers.
+// Every tensor of `list` on `device`, of `dtype`, dense (its elements fill numel() consecutive
+// slots: contiguous, channels_last, any permutation), and, when `like` is given, with like[i]'s
+// sizes and strides (so index i means one element in both). Returns the data pointers.
 std::vector<void*> checked(const TensorList& list, const char* name, const at::Device& device, at::ScalarType dtype,
                            const TensorList* like = nullptr) {
   if (like) TORCH_CHECK(list.size() == like->size(), name, " has ", list.size(), " tensors, expected ", like->size());
@@ -35,13 +36,27 @@ std::vector<void*> checked(const TensorList& list, const char* name, const at::D
     const at::Tensor& t = list[i];
     TORCH_CHECK(t.device() == device, name, "[", i, "] is on ", t.device(), ", expected ", device);
     TORCH_CHECK(t.scalar_type() == dtype, name, "[", i, "] is ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
     TORCH_CHECK(!t.is_sparse(), name, "[", i, "] must be dense");
-    if (like) TORCH_CHECK(t.numel() == (*like)[i].numel(), name, "[", i, "] has ", t.numel(), " elements, expected ",
-                          (*like)[i].numel());
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", i, "] must be dense and non-overlapping (strides ",
+                t.strides(), ")");
+    if (like) {
+      const at::Tensor& other = (*like)[i];
+      TORCH_CHECK(t.sizes() == other.sizes() && (t.numel() <= 1 || t.strides() == other.strides()), name, "[", i,
+                  "] has sizes ", t.sizes(), " and strides ", t.strides(), ", expected ", other.sizes(), " and ",
+                  other.strides());
+    }
     pointers.push_back(t.data_ptr());
   }
   return pointers;
+}
+
+// An optional one-element float32 tensor on `device`, as a pointer (null when absent).
+const float* scalar_pointer(const c10::optional<at::Tensor>& t, const char* name, const at::Device& device) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1, name,
+              " must be a one-element float32 tensor on ", device, ", got ", t->scalar_type(), " ", t->sizes(), " on ",
+              t->device());
+  return t->data_ptr<float>();
 }
 
 std::vector<int64_t> sizes_of(const TensorList& list) {
@@ -77,9 +92,9 @@ void require_cuda_build(const at::Device& device) {
 }
 
 void adamw_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, double beta2, double one_minus_beta1,
-                double one_minus_beta2, double eps, double weight_decay_factor, double step_size,
-                double bias_correction2_sqrt, bool maximize, bool amsgrad) {
+                const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs, const TensorList& steps, double lr,
+                double beta1, double beta2, double eps, double weight_decay_factor, bool maximize, bool amsgrad,
+                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
@@ -90,18 +105,25 @@ void adamw_step(const TensorList& params, const TensorList& grads, const TensorL
   auto v = checked(exp_avg_sqs, "exp_avg_sqs", device, at::kFloat, &params);
   std::vector<void*> v_max;
   if (amsgrad) v_max = checked(max_exp_avg_sqs, "max_exp_avg_sqs", device, at::kFloat, &params);
+  TORCH_CHECK(steps.size() == params.size(), "steps has ", steps.size(), " tensors, expected ", params.size());
+  std::vector<float*> step_f;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                "steps[", i, "] must be a one-element float32 tensor on ", device);
+    step_f.push_back(steps[i].data_ptr<float>());
+  }
   const auto sizes = sizes_of(params);
-  std::vector<const void*> g_const(g.begin(), g.end());
   std::vector<float*> m_f, v_f, v_max_f;
   for (auto* x : m) m_f.push_back(static_cast<float*>(x));
   for (auto* x : v) v_f.push_back(static_cast<float*>(x));
   for (auto* x : v_max) v_max_f.push_back(static_cast<float*>(x));
-  const engine::AdamWTensors tensors{static_cast<int>(params.size()), p.data(), g_const.data(), m_f.data(), v_f.data(),
-                                     amsgrad ? v_max_f.data() : nullptr, sizes.data(), kind};
-  const engine::AdamWHyper hyper{static_cast<float>(beta2), static_cast<float>(one_minus_beta1),
-                                 static_cast<float>(one_minus_beta2), static_cast<float>(eps),
-                                 static_cast<float>(weight_decay_factor), static_cast<float>(step_size),
-                                 static_cast<float>(bias_correction2_sqrt), maximize, amsgrad};
+  const engine::AdamWTensors tensors{static_cast<int>(params.size()), p.data(), g.data(), m_f.data(), v_f.data(),
+                                     amsgrad ? v_max_f.data() : nullptr, step_f.data(), sizes.data(), kind};
+  const engine::AdamWHyper hyper{lr, beta1, beta2, static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                                 static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                                 static_cast<float>(weight_decay_factor), maximize, amsgrad,
+                                 scalar_pointer(grad_scale, "grad_scale", device),
+                                 scalar_pointer(found_inf, "found_inf", device)};
   require_cuda_build(device);
 #ifdef ENGINE_WITH_CUDA
   if (device.is_cuda()) {
@@ -161,7 +183,11 @@ bool cuda_built() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Multi-tensor AdamW, norm and scale: CUDA kernels and their OpenMP CPU twins";
-  m.def("adamw_step", &adamw_step, "One AdamW step over lists of same-device, same-dtype tensors");
+  m.def("adamw_step", &adamw_step, "One AdamW step over lists of same-device, same-dtype tensors",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
+        py::arg("steps"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay_factor"), py::arg("maximize"), py::arg("amsgrad"), py::arg("grad_scale") = py::none(),
+        py::arg("found_inf") = py::none());
   m.def("multi_tensor_norm", &multi_tensor_norm, "L2 (or inf) norm over every element of a list, as a float32 scalar");
   m.def("multi_tensor_scale_", &multi_tensor_scale_, "Multiply every tensor in place by a float32 scalar tensor");
   m.def("cuda_built", &cuda_built, "Whether this build has the CUDA kernels");

@@ -25,15 +25,21 @@ std::vector<std::pair<int, int64_t>> chunks(int count, const int64_t* sizes) {
 }
 
 template <typename T, bool kAmsgrad>
-void adamw_chunk(T* __restrict p, const T* __restrict g, float* __restrict m, float* __restrict v,
-                 float* __restrict v_max, int64_t n, const AdamWHyper& h) {
+void adamw_chunk(T* __restrict p, T* __restrict g, float* __restrict m, float* __restrict v, float* __restrict v_max,
+                 int64_t n, const AdamWHyper& h, const StepScalars s) {
   const float sign = h.maximize ? -1.0f : 1.0f;
+  const float* grad_scale = h.grad_scale;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float grad = sign * static_cast<float>(g[i]);
+    float raw = static_cast<float>(g[i]);
+    if (grad_scale) {
+      raw = raw / *grad_scale;
+      g[i] = static_cast<T>(raw);
+    }
+    const float grad = sign * raw;
     const float param = static_cast<float>(p[i]) * h.weight_decay_factor;
     const float m_i = std::fma(h.one_minus_beta1, grad - m[i], m[i]);
-    const float v_i = std::fma(h.one_minus_beta2 * grad, grad, v[i] * h.beta2);
+    const float v_i = std::fma(h.one_minus_beta2 * grad, grad, v[i] * h.beta2_f);
     m[i] = m_i;
     v[i] = v_i;
     float second = v_i;
@@ -41,27 +47,31 @@ void adamw_chunk(T* __restrict p, const T* __restrict g, float* __restrict m, fl
       second = std::max(v_max[i], v_i);
       v_max[i] = second;
     }
-    const float denom = std::sqrt(second) / h.bias_correction2_sqrt + h.eps;
-    p[i] = static_cast<T>(param + (-h.step_size * m_i) / denom);
+    const float denom = std::sqrt(second) / s.bias_correction2_sqrt + h.eps;
+    p[i] = static_cast<T>(param + (-s.step_size * m_i) / denom);
   }
 }
 
 template <typename T>
 void adamw_typed(const AdamWTensors& x, const AdamWHyper& h) {
+  if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip, steps unchanged
+  std::vector<StepScalars> scalars;
+  for (int t = 0; t < x.count; ++t) scalars.push_back(step_scalars(*x.steps[t], h));
   const auto work = chunks(x.count, x.sizes);
 #pragma omp parallel for schedule(dynamic)
   for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
     const auto [t, start] = work[w];
     const int64_t n = std::min(kChunk, x.sizes[t] - start);
     T* p = static_cast<T*>(x.params[t]) + start;
-    const T* g = static_cast<const T*>(x.grads[t]) + start;
+    T* g = static_cast<T*>(x.grads[t]) + start;
     float* m = x.exp_avg[t] + start;
     float* v = x.exp_avg_sq[t] + start;
     if (h.amsgrad)
-      adamw_chunk<T, true>(p, g, m, v, x.max_exp_avg_sq[t] + start, n, h);
+      adamw_chunk<T, true>(p, g, m, v, x.max_exp_avg_sq[t] + start, n, h, scalars[t]);
     else
-      adamw_chunk<T, false>(p, g, m, v, nullptr, n, h);
+      adamw_chunk<T, false>(p, g, m, v, nullptr, n, h, scalars[t]);
   }
+  for (int t = 0; t < x.count; ++t) *x.steps[t] += 1.0f;
 }
 
 template <typename T>

@@ -18,8 +18,11 @@ constexpr int kMaxBlocks = 320;
 constexpr int64_t kChunk = 65536;
 constexpr int kThreads = 512;
 
+constexpr int kPointers = 6;  // per tensor: param, grad, m, v, v_max, step (AdamW); data (norm, scale)
+constexpr int kMaxSteps = 256;
+
 struct ChunkTable {
-  void* data[5][kMaxTensors];  // per tensor: up to five pointers (param, grad, m, v, v_max)
+  void* data[kPointers][kMaxTensors];
   int64_t sizes[kMaxTensors];
   unsigned char block_tensor[kMaxBlocks];
   int block_chunk[kMaxBlocks];
@@ -67,20 +70,27 @@ void for_each_table(int count, const int64_t* sizes, int pointers, void* const* 
 
 template <typename T>
 __global__ void adamw_kernel(ChunkTable table, AdamWHyper h) {
+  if (h.found_inf && *h.found_inf != 0.0f) return;  // GradScaler found inf/NaN: skip the step
   const int t = table.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(table.sizes[t], start + kChunk);
   T* p = static_cast<T*>(table.data[0][t]);
-  const T* g = static_cast<const T*>(table.data[1][t]);
+  T* g = static_cast<T*>(table.data[1][t]);
   float* m = static_cast<float*>(table.data[2][t]);
   float* v = static_cast<float*>(table.data[3][t]);
   float* v_max = static_cast<float*>(table.data[4][t]);
+  const StepScalars s = step_scalars(*static_cast<const float*>(table.data[5][t]), h);
   const float sign = h.maximize ? -1.0f : 1.0f;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
-    const float grad = sign * to_float(g[i]);
+    float raw = to_float(g[i]);
+    if (h.grad_scale) {
+      raw = raw / *h.grad_scale;
+      g[i] = from_float<T>(raw);
+    }
+    const float grad = sign * raw;
     const float param = to_float(p[i]) * h.weight_decay_factor;
     const float m_i = fmaf(h.one_minus_beta1, grad - m[i], m[i]);
-    const float v_i = fmaf(h.one_minus_beta2 * grad, grad, v[i] * h.beta2);
+    const float v_i = fmaf(h.one_minus_beta2 * grad, grad, v[i] * h.beta2_f);
     m[i] = m_i;
     v[i] = v_i;
     float second = v_i;
@@ -88,9 +98,20 @@ __global__ void adamw_kernel(ChunkTable table, AdamWHyper h) {
       second = fmaxf(v_max[i], v_i);
       v_max[i] = second;
     }
-    const float denom = sqrtf(second) / h.bias_correction2_sqrt + h.eps;
-    p[i] = from_float<T>(fmaf(-h.step_size, m_i / denom, param));
+    const float denom = sqrtf(second) / s.bias_correction2_sqrt + h.eps;
+    p[i] = from_float<T>(fmaf(-s.step_size, m_i / denom, param));
   }
+}
+
+// Step counts advance after every chunk has read them (a later launch on the same stream).
+struct StepTable {
+  float* steps[kMaxSteps];
+  int count;
+};
+
+__global__ void advance_steps_kernel(StepTable table, const float* found_inf) {
+  if (found_inf && *found_inf != 0.0f) return;
+  for (int i = threadIdx.x; i < table.count; i += blockDim.x) *table.steps[i] += 1.0f;
 }
 
 // max that keeps NaN (fmaxf drops it): a NaN gradient must give a NaN inf-norm, as torch's.
@@ -157,12 +178,19 @@ void dispatch(DType dtype, Args&&... args) {
 template <typename T>
 struct AdamW {
   static void run(const AdamWTensors& x, const AdamWHyper& h, cudaStream_t stream) {
-    void* const* data[5] = {x.params, const_cast<void* const*>(x.grads), reinterpret_cast<void* const*>(x.exp_avg),
-                            reinterpret_cast<void* const*>(x.exp_avg_sq),
-                            h.amsgrad ? reinterpret_cast<void* const*>(x.max_exp_avg_sq) : nullptr};
-    for_each_table(x.count, x.sizes, 5, data, [&](const ChunkTable& table, int blocks) {
+    void* const* data[kPointers] = {x.params, x.grads, reinterpret_cast<void* const*>(x.exp_avg),
+                                    reinterpret_cast<void* const*>(x.exp_avg_sq),
+                                    h.amsgrad ? reinterpret_cast<void* const*>(x.max_exp_avg_sq) : nullptr,
+                                    reinterpret_cast<void* const*>(x.steps)};
+    for_each_table(x.count, x.sizes, kPointers, data, [&](const ChunkTable& table, int blocks) {
       adamw_kernel<T><<<blocks, kThreads, 0, stream>>>(table, h);
     });
+    for (int first = 0; first < x.count; first += kMaxSteps) {
+      StepTable table;
+      table.count = std::min(kMaxSteps, x.count - first);
+      for (int i = 0; i < table.count; ++i) table.steps[i] = x.steps[first + i];
+      advance_steps_kernel<<<1, kThreads, 0, stream>>>(table, h.found_inf);
+    }
   }
 };
 

@@ -18,9 +18,38 @@ from engine import backend, extension
 from engine.launches import record
 
 
-def _scalar_dtype() -> torch.dtype:
-    """The dtype torch.optim uses for its 'step' counters."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots of memory (contiguous,
+    channels_last, any permutation of dims): elementwise kernels may then walk its storage."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Lane:
+    """One parameter as the extension sees it: the parameter and its gradient in one dense layout.
+
+    A dense parameter (contiguous, channels_last, ...) is stepped in place; a gradient in another
+    layout is copied into the parameter's. A parameter that is not dense (a strided view) is
+    stepped through a contiguous copy. ``finish`` writes back whatever went through a copy."""
+
+    def __init__(self, param: torch.Tensor):
+        self.param = param if is_dense(param) else param.contiguous()
+        grad = param.grad
+        same_layout = grad.shape == self.param.shape and (grad.numel() <= 1 or grad.stride() == self.param.stride())
+        self.grad = grad if same_layout else torch.empty_like(self.param).copy_(grad)
+        self._original = param
+
+    def finish(self, grad_written: bool) -> None:
+        if self.param is not self._original:
+            self._original.copy_(self.param)
+        if grad_written and self.grad is not self._original.grad:
+            self._original.grad.copy_(self.grad)
 
 
 class FusedAdamW(torch.optim.AdamW):
@@ -28,12 +57,23 @@ class FusedAdamW(torch.optim.AdamW):
     ``add_param_group``, ``zero_grad``, LR schedulers, and a ``state_dict`` interchangeable with
     torch's in both directions.
 
-    Parameters may be float32, float16 or bfloat16 and must be contiguous; the update runs in fp32
-    and the state (exp_avg, exp_avg_sq, max_exp_avg_sq) is kept in fp32 whatever the parameter's
-    dtype (torch keeps it in the parameter's dtype; loading either way converts). A tensor ``lr``
-    is read as a number each step. Not supported: sparse gradients (RuntimeError), complex
-    parameters, ``capturable`` and ``differentiable`` (ValueError).
+    Parameters may be float32, float16 or bfloat16, in any layout (contiguous and channels_last
+    ones are stepped in place, other strided ones through a copy). The update runs in fp32 and the
+    state (exp_avg, exp_avg_sq, max_exp_avg_sq) is kept in fp32 whatever the parameter's dtype
+    (torch keeps it in the parameter's dtype; loading either way converts); each ``step`` count is
+    a float32 scalar on the parameter's device, as in torch's ``fused=True`` AdamW. A tensor ``lr``
+    is read as a number each step.
+
+    GradScaler: like torch's fused AdamW, it unscales by itself (``_step_supports_amp_scaling``).
+    ``scaler.step(optimizer)`` hands over the scale and the inf/NaN flag; the extension divides the
+    gradients by the scale (and writes them back, as torch does) and skips the step, step counts
+    included, when the flag is set, on the device and without a host synchronisation.
+
+    Not supported: sparse gradients (RuntimeError), complex parameters, ``capturable`` and
+    ``differentiable`` (ValueError).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
@@ -55,21 +95,22 @@ class FusedAdamW(torch.optim.AdamW):
             saved = state_dict["state"].get(saved_id, {})
             for key in self.MOMENTS:
                 if key in saved and torch.is_tensor(saved[key]) and saved[key].is_floating_point():
-                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32,
-                                                           memory_format=torch.contiguous_format, copy=True)
+                    self.state[param][key] = _moment_like(param, saved[key])
 
     def _state_of(self, param: torch.Tensor, amsgrad: bool) -> dict:
-        """The parameter's state, created on first use, with fp32 contiguous moments."""
+        """The parameter's state, created on first use: fp32 moments in the layout the kernel
+        walks, and a float32 step count on the parameter's device."""
         state = self.state[param]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        step = state.get("step")
+        if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != param.device:
+            state["step"] = torch.as_tensor(0.0 if step is None else step, dtype=torch.float32, device=param.device)
         names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         for name in names:
             moment = state.get(name)
             if moment is None:
-                state[name] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
-            elif moment.dtype != torch.float32 or not moment.is_contiguous():  # e.g. loaded from torch's AdamW
-                state[name] = moment.to(torch.float32, memory_format=torch.contiguous_format)
+                state[name] = _moment_like(param)
+            elif moment.dtype != torch.float32 or not _walks_like(moment, param):
+                state[name] = _moment_like(param, moment)  # e.g. loaded from torch's AdamW
         return state
 
     @torch.no_grad()
@@ -84,13 +125,29 @@ class FusedAdamW(torch.optim.AdamW):
         if ext is None or reason is not None:
             if reason is not None:
                 backend.warn_fallback("FusedAdamW", reason)
-            super().step()
+            self._torch_step()
             return loss
+        amp = _AmpScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for group in self.param_groups:
-            self._step_group(ext, group)
+            self._step_group(ext, group, amp)
         return loss
 
-    def _step_group(self, ext, group: dict) -> None:
+    def _torch_step(self) -> None:
+        """torch's AdamW step, doing GradScaler's part first (torch's unfused step refuses it)."""
+        amp = {name: self.__dict__.pop(name) for name in ("grad_scale", "found_inf") if name in self.__dict__}
+        try:
+            if amp.get("found_inf") is not None and amp["found_inf"].item():
+                return
+            if amp.get("grad_scale") is not None:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(amp["grad_scale"].to(p.grad.device))
+            super().step()
+        finally:
+            self.__dict__.update(amp)
+
+    def _step_group(self, ext, group: dict, amp: "_AmpScalars") -> None:
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -99,24 +156,55 @@ class FusedAdamW(torch.optim.AdamW):
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError("FusedAdamW does not support sparse gradients")
-            if param.is_complex() or not param.is_contiguous():
-                raise ValueError(f"FusedAdamW: parameter {index} of its group must be a contiguous real tensor")
-            state = self._state_of(param, group["amsgrad"])
-            state["step"] += 1
-            buckets[param.device, param.dtype, state["step"].item()].append(param)
-        for (device, _, step), params in buckets.items():
-            states = [self.state[p] for p in params]
-            bias_correction1 = 1 - beta1**step
+            if param.is_complex():
+                raise ValueError(f"FusedAdamW: parameter {index} of its group is complex; only real parameters "
+                                 "are supported")
+            buckets[param.device, param.dtype].append(param)
+        for (device, _), params in buckets.items():
+            states = [self._state_of(p, group["amsgrad"]) for p in params]
+            lanes = [_Lane(p) for p in params]
+            grad_scale, found_inf = amp.on(device)
             ext.adamw_step(
-                params,
-                [p.grad.contiguous() for p in params],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-                beta2, 1 - beta1, 1 - beta2, group["eps"], 1 - lr * group["weight_decay"],
-                lr / bias_correction1, (1 - beta2**step) ** 0.5, group["maximize"], group["amsgrad"],
+                [lane.param for lane in lanes], [lane.grad for lane in lanes],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+                lr, beta1, beta2, group["eps"], 1 - lr * group["weight_decay"], group["maximize"], group["amsgrad"],
+                grad_scale, found_inf,
             )
+            for lane in lanes:
+                lane.finish(grad_written=grad_scale is not None)
             record(f"adamw_step_{device.type}")
+
+
+def _moment_like(param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+    """An fp32 moment in the layout the kernel walks for ``param`` (its own if dense, else
+    contiguous): zeros, or a copy of ``value``."""
+    template = param if is_dense(param) else param.new_empty(param.shape)
+    moment = torch.empty_like(template, dtype=torch.float32, memory_format=torch.preserve_format)
+    return moment.zero_() if value is None else moment.copy_(value)
+
+
+def _walks_like(moment: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether index i of ``moment``'s memory holds the element at index i of the kernel's ``param``."""
+    if moment.shape != param.shape:
+        return False
+    if is_dense(param):
+        return moment.numel() <= 1 or moment.stride() == param.stride()
+    return moment.is_contiguous()
+
+
+class _AmpScalars:
+    """GradScaler's scale and inf/NaN flag (or None), moved to each device once, without a sync."""
+
+    def __init__(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None):
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._moved: dict[torch.device, tuple] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if device not in self._moved:
+            self._moved[device] = tuple(None if t is None else t.to(device, torch.float32, non_blocking=True)
+                                        for t in (self.grad_scale, self.found_inf))
+        return self._moved[device]
 
 
 def clip_grad_norm_(
@@ -130,7 +218,9 @@ def clip_grad_norm_(
     at most ``max_norm`` and returns the total norm (before clipping, in the gradients' dtype).
 
     Norm types 2 and inf run fused (fp32 accumulation, one norm and one scale call per device
-    and dtype, no host synchronisation unless ``error_if_nonfinite``); others use torch's.
+    and dtype, no host synchronisation unless ``error_if_nonfinite``) on gradients in any dense
+    layout (contiguous, channels_last, ...); other norms, and gradients that are strided views,
+    use torch's.
     Empty gradients count as zero (torch's inf norm raises on them).
     """
     if isinstance(parameters, torch.Tensor):
@@ -143,7 +233,7 @@ def clip_grad_norm_(
     reason = None if ext is None else extension.cannot_run(ext, {g.device for g in grads})
     if reason is not None:
         backend.warn_fallback("clip_grad_norm_", reason)
-    if ext is None or reason is not None or not all(g.is_contiguous() for g in grads):
+    if ext is None or reason is not None or not all(is_dense(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for g in grads:

@@ -82,6 +82,33 @@ def forward_backward(fn, *tensors, grads=None, dtype=None):
     return tuple(o.detach() for o in outs), [leaf.grad for leaf in leaves if leaf is not None], grads
 
 
+# Tensor methods that read a value back to the host (a device synchronisation on GPUs).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[Counter[str]]:
+    """Counter of the calls of ``HOST_READS`` on tensors made inside the block, by method name:
+    on a GPU each is a host synchronisation; on a CPU the count is the same, so tests can hold
+    code to "no host reads" without a GPU. Calls that C++ makes internally are not seen."""
+    counts: Counter[str] = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, original):
+        def method(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+        return method
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(name, original))
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def kernel_device() -> str:
     """Where the Triton kernels run in tests: CUDA when present, else the CPU through the interpreter."""
     return "cuda" if torch.cuda.is_available() and not backend.interpreting() else "cpu"

@@ -4,14 +4,15 @@ schedulers, the extension really in use."""
 import copy
 import math
 import os
+from collections import Counter
 
 import pytest
 import torch
 
 from engine import backend, extension
 from engine.launches import count_launches
-from engine.optim import FusedAdamW
-from engine.testing import assert_close_to_exact
+from engine.optim import FusedAdamW, _Lane, clip_grad_norm_
+from engine.testing import assert_close_to_exact, count_host_reads
 
 # Odd sizes, 0- and 1-element tensors, and one larger than a CUDA chunk (65536).
 SHAPES = [(0,), (1,), (7,), (33, 5), (1000,), (65537,)]
@@ -215,8 +216,9 @@ def test_bias_correction_uses_each_parameters_own_step():
     with count_launches() as launches:
         _run(ours, params, 2, start=3)
     _run(theirs, reference, 2, start=3)
-    assert launches["adamw_step_cpu"] == 4  # two step counts, so two calls per step
+    assert launches["adamw_step_cpu"] == 2  # one call per step: each tensor's step count is read by the kernel
     assert ours.state[params[1]]["step"].item() == 2 and math.isclose(ours.state[params[0]]["step"].item(), 5)
+    assert ours.state[params[0]]["step"].dtype == torch.float32
     assert_params_close(params, reference)
 
 
@@ -239,3 +241,135 @@ def test_loading_keeps_fp32_moments_for_low_precision_parameters():
 ])
 def test_which_gpus_a_build_runs_on(archs, capability, runs):
     assert extension._covers(archs, capability) is runs
+
+
+# --- GradScaler: the optimizer unscales and skips by itself, as torch's fused AdamW ---------------
+
+def _scaled_steps(optimizer_cls, params, device, steps, overflow_at, *, unscale_first=False, **options):
+    """Train ``params`` under a GradScaler; the gradients of the steps in ``overflow_at`` hold an inf.
+    Returns (the gradients each step left behind, the scales, host reads during scaler.step)."""
+    optimizer = optimizer_cls(params, lr=1e-2, **options)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
+    left_grads, scales, reads = [], [], Counter()
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = sum((p.float() * torch.linspace(-1, 1, p.numel(), device=device).view(p.shape)).sum() * (step + 1)
+                   for p in params)
+        if step in overflow_at:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        if unscale_first:
+            scaler.unscale_(optimizer)
+        with count_host_reads() as step_reads:
+            scaler.step(optimizer)
+        reads += step_reads
+        scaler.update()
+        left_grads.append([p.grad.clone() for p in params])
+        scales.append(scaler.get_scale())
+    return optimizer, left_grads, scales, reads
+
+
+@pytest.mark.parametrize("fused", [None, True])  # fused=True made torch's base class hand over the scale
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler-step", "unscale-then-step"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_grad_scaler_matches_torch_fused_adamw(device, amsgrad, unscale_first, fused):
+    """With and without overflow: skipped steps change nothing (step counts included), good steps
+    use (and leave behind) the unscaled gradients, like torch.optim.AdamW(fused=True)."""
+    params = [p.to(device).detach().requires_grad_() for p in _params(shapes=[(7,), (33, 5), (1000,)])]
+    reference = _clone(params)
+    plain = _clone(params)
+    overflow_at = {1, 4, 5}
+    ours, our_grads, our_scales, reads = _scaled_steps(FusedAdamW, params, device, 8, overflow_at,
+                                                       unscale_first=unscale_first, amsgrad=amsgrad, fused=fused)
+    theirs, their_grads, their_scales, _ = _scaled_steps(torch.optim.AdamW, reference, device, 8, overflow_at,
+                                                         unscale_first=unscale_first, amsgrad=amsgrad, fused=True)
+    _scaled_steps(torch.optim.AdamW, plain, device, 8, overflow_at, unscale_first=unscale_first, amsgrad=amsgrad)
+    assert our_scales == their_scales
+    assert reads.total() == 0  # the skip decision stays on the device
+    for ours_left, theirs_left in zip(our_grads, their_grads):
+        for g, h in zip(ours_left, theirs_left):
+            torch.testing.assert_close(g, h, rtol=0, atol=0, equal_nan=True)
+    assert_params_close(params, reference)  # torch's fused kernel and its unfused one round alike here
+    assert_params_close(params, plain)
+    for p, q in zip(params, reference):
+        assert ours.state[p]["step"].item() == theirs.state[q]["step"].item() == 8 - len(overflow_at)
+        assert ours.state[p]["step"].device == p.device
+
+
+def test_grad_scaler_with_every_step_overflowing_leaves_everything_untouched():
+    params = _params(shapes=[(7,), (1000,)])
+    before = _clone(params)
+    optimizer, _, scales, _ = _scaled_steps(FusedAdamW, params, "cpu", 3, {0, 1, 2})
+    assert scales == [2.0**9, 2.0**8, 2.0**7]
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(state["step"].item() == 0 and not state["exp_avg"].any() for state in optimizer.state.values())
+
+
+def test_grad_scaler_without_the_extension_unscales_and_skips_too(monkeypatch):
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_failure", "RuntimeError: no compiler")
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.delenv("ENGINE_STRICT", raising=False)
+    params = _params(shapes=[(7,), (33, 5)])
+    reference = _clone(params)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        _scaled_steps(FusedAdamW, params, "cpu", 6, {2, 3})
+    _scaled_steps(torch.optim.AdamW, reference, "cpu", 6, {2, 3})
+    assert_params_close(params, reference)
+
+
+# --- layouts: channels_last and strided parameters -----------------------------------------------
+
+def _layouts(device="cpu"):
+    generator = torch.Generator().manual_seed(5)
+    conv = torch.randn(8, 3, 5, 5, generator=generator).to(device).to(memory_format=torch.channels_last)
+    conv3d = torch.randn(4, 2, 3, 3, 3, generator=generator).to(device).to(memory_format=torch.channels_last_3d)
+    transposed = torch.randn(37, 11, generator=generator).to(device).t()  # dense, column-major
+    strided = torch.randn(20, 12, generator=generator).to(device)[:, ::3]  # not dense: a view with gaps
+    return [torch.nn.Parameter(t) for t in (conv, conv3d, transposed, strided)]
+
+
+def test_channels_last_and_strided_parameters_match_torch_and_stay_in_place(device):
+    params = _layouts(device)
+    reference = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format)) for p in params]
+    storage = [p.data_ptr() for p in params]
+    ours, theirs = FusedAdamW(params, lr=1e-2, amsgrad=True), torch.optim.AdamW(reference, lr=1e-2, amsgrad=True)
+    _run(ours, params, 20)
+    _run(theirs, reference, 20)
+    assert_params_close(params, reference)
+    assert [p.data_ptr() for p in params] == storage
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    for p in params[:3]:  # dense layouts: stepped in place, moments in the parameter's own layout
+        p.grad = torch.randn_like(p)
+        assert _Lane(p).param is p
+        assert ours.state[p]["exp_avg"].stride() == p.stride()
+    params[3].grad = torch.randn_like(params[3])
+    assert _Lane(params[3]).param is not params[3]  # the strided view goes through a copy
+
+
+def test_gradient_in_another_layout_than_its_parameter():
+    param = torch.nn.Parameter(torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last))
+    reference = torch.nn.Parameter(param.detach().clone())
+    ours, theirs = FusedAdamW([param], lr=1e-2), torch.optim.AdamW([reference], lr=1e-2)
+    for step in range(5):
+        grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step))  # contiguous
+        param.grad, reference.grad = grad, grad.clone()
+        ours.step()
+        theirs.step()
+    assert_params_close([param], [reference])
+
+
+def test_clip_grad_norm_runs_fused_on_channels_last_gradients():
+    params = _layouts()[:3]
+    for p in params:
+        p.grad = torch.randn_like(p)  # randn_like keeps each parameter's layout
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, reference):
+        q.grad = p.grad.clone()
+    with count_launches() as launches:
+        total = clip_grad_norm_(params, 0.5)
+    expected = torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    assert launches == {"grad_norm_cpu": 1, "grad_scale_cpu": 1}
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)

@@ -109,6 +109,20 @@ def count_host_reads() -> Iterator[Counter[str]]:
             setattr(torch.Tensor, name, original)
 
 
+def attention_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str | None = None, seed: int = 0):
+    """Seeded standard-normal (q, k, v) for ``shape`` = (batch, query heads, key/value heads, Sq,
+    Sk, head dim): q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), on ``device`` (the kernel device)."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
+    generator = torch.Generator().manual_seed(seed)
+    device = device or kernel_device()
+
+    def make(*size):
+        return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
+
+    return (make(batch, heads, seqlen_q, head_dim), make(batch, kv_heads, seqlen_k, head_dim),
+            make(batch, kv_heads, seqlen_k, head_dim))
+
+
 def kernel_device() -> str:
     """Where the Triton kernels run in tests: CUDA when present, else the CPU through the interpreter."""
     return "cuda" if torch.cuda.is_available() and not backend.interpreting() else "cpu"

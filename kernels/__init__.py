@@ -1,15 +1,17 @@
 """Triton kernels and their launchers (installed as ``engine.kernels``).
 
 Launchers take 2-D row-major views and plain tensors: no autograd, no modules. Each launch is
-counted in ``LAUNCHES`` so tests and the regression gate can see which kernels ran.
+counted in ``LAUNCHES`` so tests and the regression gate can see which kernels ran; inside
+``count_tiles()`` the attention kernels also count the tiles they process (``TILES``).
 """
 
 from engine.kernels import attention, norm
-from engine.kernels._launch import LAUNCHES, count_launches
+from engine.kernels._launch import LAUNCHES, TILES, count_launches, count_tiles
 from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
 from engine.kernels.norm import norm_backward, norm_forward
 
 __all__ = [
-    "LAUNCHES", "attention", "attention_backward", "attention_forward", "count_launches", "dropout_keep_mask",
+    "LAUNCHES", "TILES", "attention", "attention_backward", "attention_forward", "count_launches", "count_tiles",
+    "dropout_keep_mask",
     "norm", "norm_backward", "norm_forward",
 ]

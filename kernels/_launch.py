@@ -1,10 +1,12 @@
-"""Launch bookkeeping shared by every launcher: counted launches, the launching device, tile
-choice by shared memory, and device heuristics."""
+"""Launch bookkeeping shared by every launcher: counted launches, counted tiles, the launching
+device, tile choice by shared memory, and device heuristics."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -25,6 +27,38 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     with _on_device_of(args):
         kernel[grid](*args, **meta)
     record(name)
+
+
+TILES: Counter[str] = Counter()
+_counting_tiles = False
+
+
+@contextlib.contextmanager
+def count_tiles() -> Iterator[Counter[str]]:
+    """Counter of the key tiles (BLOCK_M x BLOCK_N blocks of scores) each attention kernel
+    processed inside the block, by launch name: the work done, exact and device-independent.
+
+    Kernels launched while counting are compiled with one atomic add per program and read back
+    with a host synchronisation per launch: a debugging and testing aid. Outside the block the
+    counter is compiled out."""
+    global _counting_tiles
+    before, previous, _counting_tiles = TILES.copy(), _counting_tiles, True
+    counts: Counter[str] = Counter()
+    try:
+        yield counts
+    finally:
+        _counting_tiles = previous
+        counts.update(TILES - before)
+
+
+def tile_counter(device: torch.device) -> torch.Tensor | None:
+    """A zeroed int32 counter for a launch to add its tiles to, or None when not counting."""
+    return torch.zeros(1, dtype=torch.int32, device=device) if _counting_tiles else None
+
+
+def record_tiles(name: str, counter: torch.Tensor | None) -> None:
+    if counter is not None:
+        TILES[name] += int(counter.item())
 
 
 # (launch name, device, compile-time arguments, tensor dtypes, tiles) -> index of the first tile that fits

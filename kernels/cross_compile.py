@@ -147,8 +147,8 @@ def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "
             q, k, v = (t.transpose(1, 2).reshape(batch * seq, -1, head_dim) for t in (q, k, v))
             starts = torch.tensor([0, seq, 2 * seq], dtype=torch.int32)
             options |= dict(cu_seqlens_q=starts, cu_seqlens_k=starts, max_seqlen_q=seq, max_seqlen_k=seq)
-        out, lse = attention_forward(q, k, v, **options)
-        attention_backward(torch.randn_like(out), q, k, v, out, lse, **options)
+        out, lse, lse_lo = attention_forward(q, k, v, **options)
+        attention_backward(torch.randn_like(out), q, k, v, out, lse, lse_lo=lse_lo, **options)
     return run
 
 
@@ -176,7 +176,7 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
 
 def cross_compile(archs: list[int], quick: bool = False) -> list[CaseResult]:
     """Run every case for each architecture; compile errors are caught and reported per case."""
-    if not isinstance(attention._attn_fwd_kernel, JITFunction):
+    if not isinstance(attention.forward._attn_fwd_kernel, JITFunction):
         raise RuntimeError("cross-compile: TRITON_INTERPRET was set when engine.kernels was imported; unset it")
     results, fitting = [], dict(_launch.FITTING_TILE)
     try:

@@ -1,6 +1,5 @@
 """Attention: torch's ``scaled_dot_product_attention`` signature, a native ``flash_attention`` with
-the extras (bottom-right causal, the log-sum-exp), packed variable-length batches, and the eager
-reference every test and benchmark compares with.
+the extras (bottom-right causal, the log-sum-exp), and packed variable-length batches.
 
 Causal alignment, for Sq = 3 queries over Sk = 5 keys (x = visible):
 
@@ -9,7 +8,10 @@ Causal alignment, for Sq = 3 queries over Sk = 5 keys (x = visible):
         x x . . .                        x x x x .
         x x x . .                        x x x x x
 
-A query row that sees no key gives zeros and zero gradients, as torch's SDPA does.
+A query row that sees no key gives zeros and zero gradients, as torch's SDPA does. torch's
+``CausalBias`` masks (``causal_upper_left``, ``causal_lower_right``) are read as these two
+alignments, never as tensors. Double backward (``create_graph=True``) recomputes the forward
+with the eager reference, probabilities materialised.
 """
 
 from __future__ import annotations
@@ -19,68 +21,14 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from engine import backend
+from engine.errors import InvalidArgument, InvalidDtype
+from engine.ops.reference import attention_reference, varlen_reference
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
-
-
-def _causal_mask(seqlen_q: int, seqlen_k: int, alignment: str, device) -> torch.Tensor:
-    """(Sq, Sk) bool, True where visible."""
-    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
-    return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(offset)
-
-
-def attention_probs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    *,
-    causal: str | None = None,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
-
-    query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. Rows that see no key get
-    probabilities 0 and a finite lse (so gradients stay finite)."""
-    key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)  # (B, Hq, Sk, D)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
-    if causal is not None:
-        visible = _causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
-    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1, keepdim=True)
-    return torch.exp(scores - lse), lse.masked_fill(empty, float("inf"))
-
-
-def attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    causal: str | None = None,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_keep: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with the (B, Hq, Sq, Sk) softmax materialised, in the inputs' dtype.
-
-    query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) with Hq a multiple of Hkv. ``dropout_keep``
-    (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p).
-    Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32; +inf for rows that see no key).
-    """
-    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale)
-    if dropout_keep is not None:
-        probs = probs * dropout_keep / (1.0 - dropout_p)
-    value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)  # (B, Hq, Sk, D)
-    return probs @ value, lse.squeeze(-1).float()
+_PLAIN_TORCH_FUNCTION = (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
 
 
 def dropout_seed(generator: torch.Generator | None = None) -> int:
@@ -89,35 +37,73 @@ def dropout_seed(generator: torch.Generator | None = None) -> int:
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Saves q, k, v, the output and the (B, H, Sq) log-sum-exp: memory linear in Sq."""
+    """Saves q, k, v, the output and the (B, H, Sq) log-sum-exp (with its low part when there is
+    an additive mask): memory linear in Sq."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                 max_seqlen_k):
         packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                       max_seqlen_k=max_seqlen_k)
-        out, lse = backend.kernels().attention_forward(
+        out, lse, lse_lo = backend.kernels().attention_forward(
             q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, **packed
         )
-        ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k)
         ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, seed=seed, max_seqlen_q=max_seqlen_q,
                            max_seqlen_k=max_seqlen_k)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = backend.kernels().attention_backward(
-            dout, q, k, v, out, lse, mask=mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **ctx.options
-        )
-        return dq, dk, dv, *([None] * 9)
+        q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
+            grads = _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_k)
+        else:
+            grads = backend.kernels().attention_backward(
+                dout, q, k, v, out, lse, lse_lo=lse_lo, mask=mask, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, **ctx.options,
+            )
+        return *grads, *([None] * 9)
 
 
-def _kernel_refusal(q: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, kernels: ModuleType) -> str | None:
+def _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_k) -> list:
+    """dq, dk, dv as torch ops of the saved inputs (connected to the graph under create_graph):
+    the eager reference recomputes the forward, with the kernel's own dropout mask."""
+    o = ctx.options
+    keep = None
+    if o["dropout_p"] > 0:
+        batch, rows = (q.shape[0], q.shape[2]) if cu_seqlens_q is None else (cu_seqlens_q.numel() - 1, q.shape[0])
+        heads = q.shape[1]
+        keep = backend.kernels().dropout_keep_mask(o["seed"], batch, heads, rows, o["max_seqlen_k"] or k.shape[2],
+                                                   o["dropout_p"], q.device)
+    needed = ctx.needs_input_grad[:3]
+    if cu_seqlens_q is None:
+        out, _ = attention_reference(q, k, v, causal=o["causal"], attn_mask=mask, scale=o["scale"],
+                                     dropout_keep=keep, dropout_p=o["dropout_p"])
+    else:
+        out, _ = varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=o["causal"], scale=o["scale"],
+                                  dropout_p=o["dropout_p"], dropout_keep=keep)
+    inputs = [t for t, need in zip((q, k, v), needed) if need]
+    grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needed]
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory holds its values: a torch.Tensor, an nn.Parameter, or a subclass
+    that overrides neither ``__torch_function__`` nor ``__torch_dispatch__``."""
+    cls = type(t)
+    function = getattr(cls.__torch_function__, "__func__", cls.__torch_function__)
+    return function in _PLAIN_TORCH_FUNCTION and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+
+
+def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    kernels: ModuleType) -> str | None:
     """Why the kernel cannot take these (already validated) arguments, or None."""
     attention = kernels.attention
+    for name, t in (("query", q), ("key", k), ("value", v), ("attn_mask", attn_mask)):
+        if t is not None and not _is_plain(t):
+            return f"{name} is a {type(t).__name__}, a tensor subclass whose memory the kernel cannot read"
     if q.dtype not in attention.ATTENTION_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
     if v.shape[-1] != q.shape[-1]:
@@ -135,7 +121,7 @@ def _causal_alignment(causal: bool | str) -> str | None:
     if causal is True:
         return "top_left"
     if causal not in CAUSAL_ALIGNMENTS:
-        raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
+        raise InvalidArgument(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
     return causal
 
 
@@ -144,39 +130,54 @@ def _check_qkv(op: str, query, key, value, *, gqa: bool) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+            raise InvalidDtype(f"{op}: {name} must be floating point, got {t.dtype}")
     if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"{op}: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+        raise InvalidDtype(f"{op}: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                           f"{value.dtype}")
     if not query.device == key.device == value.device:
-        raise ValueError(f"{op}: query, key and value must be on one device, got {query.device}, {key.device}, "
-                         f"{value.device}")
+        raise InvalidArgument(f"{op}: query, key and value must be on one device, got {query.device}, {key.device}, "
+                              f"{value.device}")
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"{op}: query and key head dims differ: {query.shape[-1]} and {key.shape[-1]}")
+        raise InvalidArgument(f"{op}: query and key head dims differ: {query.shape[-1]} and {key.shape[-1]}")
     if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for the "
-                         "last dimension")
-    if gqa and query.dim() >= 4 and query.shape[-3] % key.shape[-3]:
-        raise ValueError(f"{op}: query heads ({query.shape[-3]}) must be a multiple of key/value heads "
-                         f"({key.shape[-3]})")
+        raise InvalidArgument(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for the "
+                              "last dimension")
+    if gqa and query.dim() >= 4 and (query.shape[-3] % key.shape[-3] if key.shape[-3] else query.shape[-3]):
+        raise InvalidArgument(f"{op}: query heads ({query.shape[-3]}) must be a multiple of key/value heads "
+                              f"({key.shape[-3]})")
 
 
-def _check_mask(op: str, attn_mask: torch.Tensor | None, shape: tuple[int, ...], device) -> None:
+def _resolve_mask(op: str, attn_mask: torch.Tensor | None, causal: str | None, shape: tuple[int, ...],
+                  device) -> tuple[torch.Tensor | None, str | None]:
+    """(the mask the kernel reads, the causal alignment) for a mask broadcastable to the scores'
+    ``shape`` (..., Sq, Sk): a CausalBias becomes its alignment (its storage is never read);
+    other masks are checked and kept, beside ``causal``."""
     if attn_mask is None:
-        return
+        return None, causal
+    if isinstance(attn_mask, CausalBias):
+        if causal is not None:
+            raise InvalidArgument(f"{op}: a CausalBias attn_mask is causal already; do not also pass causal")
+        seqlen_q, seqlen_k = shape[-2:]
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (seqlen_q, seqlen_k):
+            raise InvalidArgument(f"{op}: attn_mask is a CausalBias for {attn_mask.seq_len_q} queries and "
+                                  f"{attn_mask.seq_len_kv} keys, but query and key have {seqlen_q} and {seqlen_k}")
+        upper_left = attn_mask.variant == CausalVariant.UPPER_LEFT or seqlen_q == seqlen_k
+        return None, "top_left" if upper_left else "bottom_right"
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        raise InvalidDtype(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
     if attn_mask.device != device:
-        raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {device}")
+        raise InvalidArgument(f"{op}: attn_mask is on {attn_mask.device} but query is on {device}")
     try:
         torch.broadcast_shapes(attn_mask.shape, shape)
     except RuntimeError:
-        raise ValueError(f"{op}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to the scores' "
-                         f"shape {list(shape)}") from None
+        raise InvalidArgument(f"{op}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to the scores' "
+                              f"shape {list(shape)}") from None
+    return attn_mask, causal
 
 
 def _check_dropout(op: str, dropout_p: float) -> None:
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
+        raise InvalidArgument(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
 
 
 def flash_attention(
@@ -194,34 +195,52 @@ def flash_attention(
     """Fused attention of query (B, Hq, Sq, D) over key/value (B, Hkv, Sk, D), Hq a multiple of Hkv.
 
     ``causal``: False, True / "top_left" (as torch), or "bottom_right". ``attn_mask``: bool (True
-    = attend) or additive, broadcastable to (B, Hq, Sq, Sk). Dropout draws its seed from
-    ``generator`` (default: PyTorch's). Returns out (B, Hq, Sq, D), and with ``return_lse`` the
-    (B, Hq, Sq) float32 log-sum-exp of the scaled, masked scores too (+inf for empty rows).
+    = attend) or additive, broadcastable to (B, Hq, Sq, Sk), or a CausalBias. Dropout draws its
+    seed from ``generator`` (default: PyTorch's). Returns out (B, Hq, Sq, D), and with
+    ``return_lse`` the (B, Hq, Sq) float32 log-sum-exp of the scaled, masked scores too (+inf for
+    empty rows).
     """
     op = "flash_attention"
     _check_qkv(op, query, key, value, gqa=True)
     if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(f"{op}: query and key must be 4-D (batch, heads, seq, head_dim), got "
-                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+        raise InvalidArgument(f"{op}: query and key must be 4-D (batch, heads, seq, head_dim), got "
+                              f"{tuple(query.shape)} and {tuple(key.shape)}")
     if query.shape[0] != key.shape[0]:
-        raise ValueError(f"{op}: query and key batch sizes differ: {query.shape[0]} and {key.shape[0]}")
-    alignment = _causal_alignment(causal)
+        raise InvalidArgument(f"{op}: query and key batch sizes differ: {query.shape[0]} and {key.shape[0]}")
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    _check_mask(op, attn_mask, shape, query.device)
+    mask, alignment = _resolve_mask(op, attn_mask, _causal_alignment(causal), shape, query.device)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    refusal = lambda kernels: _kernel_refusal(query, value, attn_mask, kernels)  # noqa: E731
+    refusal = lambda kernels: _kernel_refusal(query, key, value, mask, kernels)  # noqa: E731
     if backend.choose(op, query.device, refusal) == "torch":
         keep = None
         if dropout_p > 0:
             keep = torch.rand(shape, generator=generator).to(query.device) >= dropout_p
-        out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=attn_mask, scale=scale,
+        out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
                                        dropout_keep=keep, dropout_p=dropout_p)
     else:
         seed = dropout_seed(generator) if dropout_p > 0 else 0
-        out, lse = _FlashAttention.apply(query, key, value, attn_mask, scale, alignment, dropout_p, seed,
+        out, lse = _FlashAttention.apply(query, key, value, mask, scale, alignment, dropout_p, seed,
                                          None, None, None, None)
     return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(op: str, name: str, cu: torch.Tensor, total: int, longest: int) -> None:
+    """The table must rise from 0 to ``total`` with no sequence over ``longest``. On the host for
+    CPU tensors; on a GPU an asynchronous device-side assert, so no host synchronisation."""
+    if cu.device.type != "cuda":
+        starts = cu.tolist()
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        if starts[0] != 0 or starts[-1] != total or min(lengths) < 0:
+            raise InvalidArgument(f"{op}: {name} must rise from 0 to the {total} packed tokens, got {starts}")
+        if max(lengths) > longest:
+            raise InvalidArgument(f"{op}: max_seqlen_{name[-1]}={longest} is shorter than a sequence of "
+                                  f"{max(lengths)} tokens")
+        return
+    lengths = cu[1:] - cu[:-1]
+    valid = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+    torch._assert_async(valid, f"{op}: {name} must rise from 0 to the {total} packed tokens with no sequence "
+                               f"longer than max_seqlen_{name[-1]}={longest}")
 
 
 def flash_attn_varlen(
@@ -240,38 +259,34 @@ def flash_attn_varlen(
     generator: torch.Generator | None = None,
 ):
     """Attention over packed sequences: query (total_q, Hq, D), key/value (total_k, Hkv, D); sequence
-    b holds tokens cu_seqlens[b]:cu_seqlens[b + 1] (int32, B + 1 entries). No padding is computed;
-    the result equals the padded computation. Returns out (total_q, Hq, D) [, lse (Hq, total_q)]."""
+    b holds tokens cu_seqlens[b]:cu_seqlens[b + 1] (int32, B + 1 entries). The kernel's work
+    follows the real lengths (blocks past a sequence's end exit at once); the result equals the
+    padded computation. Returns out (total_q, Hq, D) [, lse (Hq, total_q)]."""
     op = "flash_attn_varlen"
     _check_qkv(op, query, key, value, gqa=False)
     if query.dim() != 3 or key.dim() != 3:
-        raise ValueError(f"{op}: query and key must be 3-D (total_tokens, heads, head_dim), got "
-                         f"{tuple(query.shape)} and {tuple(key.shape)}")
-    if query.shape[1] % key.shape[1]:
-        raise ValueError(f"{op}: query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, query.shape[0]), ("cu_seqlens_k", cu_seqlens_k, key.shape[0])):
+        raise InvalidArgument(f"{op}: query and key must be 3-D (total_tokens, heads, head_dim), got "
+                              f"{tuple(query.shape)} and {tuple(key.shape)}")
+    if query.shape[1] % key.shape[1] if key.shape[1] else query.shape[1]:
+        raise InvalidArgument(f"{op}: query heads ({query.shape[1]}) must be a multiple of key/value heads "
+                              f"({key.shape[1]})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 2:
-            raise ValueError(f"{op}: {name} must be a 1-D int32 tensor of B + 1 sequence starts, got "
-                             f"{cu.dtype} {tuple(cu.shape)}")
+            raise InvalidArgument(f"{op}: {name} must be a 1-D int32 tensor of B + 1 sequence starts, got "
+                                  f"{cu.dtype} {tuple(cu.shape)}")
         if cu.device != query.device:
-            raise ValueError(f"{op}: {name} is on {cu.device} but query is on {query.device}")
+            raise InvalidArgument(f"{op}: {name} is on {cu.device} but query is on {query.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length")
-    for name, cu, total, longest in (("q", cu_seqlens_q, query.shape[0], max_seqlen_q),
-                                     ("k", cu_seqlens_k, key.shape[0], max_seqlen_k)):
-        starts = cu.tolist()  # one host read: a wrong table would otherwise read out of bounds
-        lengths = [b - a for a, b in zip(starts, starts[1:])]
-        if starts[0] != 0 or starts[-1] != total or min(lengths) < 0:
-            raise ValueError(f"{op}: cu_seqlens_{name} must rise from 0 to the {total} packed tokens, got {starts}")
-        if max(lengths) > longest:
-            raise ValueError(f"{op}: max_seqlen_{name}={longest} is shorter than a sequence of {max(lengths)} tokens")
+        raise InvalidArgument(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length")
+    _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, query.shape[0], max_seqlen_q)
+    _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, key.shape[0], max_seqlen_k)
     alignment = _causal_alignment(causal)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    refusal = lambda kernels: _kernel_refusal(query, value, None, kernels)  # noqa: E731
+    refusal = lambda kernels: _kernel_refusal(query, key, value, None, kernels)  # noqa: E731
     if backend.choose(op, query.device, refusal) == "torch":
-        out, lse = _varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, alignment, scale, dropout_p,
-                                     generator)
+        out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
+                                    dropout_p=dropout_p, generator=generator)
     else:
         seed = dropout_seed(generator) if dropout_p > 0 else 0
         out, lse = _FlashAttention.apply(query, key, value, None, scale, alignment, dropout_p, seed,
@@ -279,24 +294,7 @@ def flash_attn_varlen(
     return (out, lse) if return_lse else out
 
 
-def _varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, generator):
-    """The torch path of flash_attn_varlen: the reference, one sequence at a time."""
-    outs, lses = [], []
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(starts_q) - 1):
-        q = query[starts_q[b]:starts_q[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Sq_b, D)
-        k = key[starts_k[b]:starts_k[b + 1]].transpose(0, 1).unsqueeze(0)
-        v = value[starts_k[b]:starts_k[b + 1]].transpose(0, 1).unsqueeze(0)
-        keep = None
-        if dropout_p > 0:
-            keep = torch.rand((1, q.shape[1], q.shape[2], k.shape[2]), generator=generator).to(q.device) >= dropout_p
-        out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p)
-        outs.append(out[0].transpose(0, 1))  # (Sq_b, Hq, D)
-        lses.append(lse[0])  # (Hq, Sq_b)
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-def _sdpa_refusal(query, key, value, attn_mask, enable_gqa, kernels: ModuleType) -> str | None:
+def _sdpa_refusal(query, key, value, mask, enable_gqa, kernels: ModuleType) -> str | None:
     if query.dim() < 3 or key.dim() != query.dim():
         return f"query and key must both have 3 or more dims, got {query.dim()} and {key.dim()}"
     if query.dim() >= 4:
@@ -306,9 +304,20 @@ def _sdpa_refusal(query, key, value, attn_mask, enable_gqa, kernels: ModuleType)
             return f"query has {query.shape[-3]} heads, key {key.shape[-3]}, and enable_gqa is False"
     elif key.shape[:-2] != query.shape[:-2]:
         return f"batch dims differ: query {tuple(query.shape[:-2])}, key {tuple(key.shape[:-2])}"
-    if attn_mask is not None and _sdpa_mask_4d(attn_mask, query, key) is None:
-        return f"attn_mask of shape {tuple(attn_mask.shape)} cannot be viewed as (batch, heads, L, S) without a copy"
-    return _kernel_refusal(query, value, attn_mask, kernels)
+    if mask is not None and _is_plain(mask) and _sdpa_mask_4d(mask, query, key) is None:
+        return f"attn_mask of shape {tuple(mask.shape)} cannot be viewed as (batch, heads, L, S) without a copy"
+    return _kernel_refusal(query, key, value, mask, kernels)
+
+
+def _prepare_sdpa(op: str, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """Validate an SDPA call: (the kernel's mask, causal alignment, the kernel's refusal)."""
+    _check_qkv(op, query, key, value, gqa=enable_gqa)
+    if is_causal and attn_mask is not None and not isinstance(attn_mask, CausalBias):
+        raise InvalidArgument(f"{op}: pass either attn_mask or is_causal=True, not both")
+    mask, alignment = _resolve_mask(op, attn_mask, "top_left" if is_causal else None,
+                                    (*query.shape[:-1], key.shape[-2]), query.device)
+    _check_dropout(op, dropout_p)
+    return mask, alignment, lambda kernels: _sdpa_refusal(query, key, value, mask, enable_gqa, kernels)
 
 
 def explain_sdpa(
@@ -323,14 +332,15 @@ def explain_sdpa(
 ) -> str | None:
     """Why ``scaled_dot_product_attention`` with these arguments would take PyTorch's path instead
     of the kernel (whatever the backend), or None when the kernel takes them."""
-    return backend.capability(lambda kernels: _sdpa_refusal(query, key, value, attn_mask, enable_gqa, kernels))
+    _, _, refusal = _prepare_sdpa("explain_sdpa", query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    return backend.capability(refusal)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(N, ..., H, L, E) -> (B, H, L, E); (N, L, E) -> (N, 1, L, E)."""
     if t.dim() == 3:
         return t.unsqueeze(1)
-    return t.reshape(-1, *t.shape[-3:])
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
 
 
 def _sdpa_mask_4d(attn_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -338,7 +348,8 @@ def _sdpa_mask_4d(attn_mask: torch.Tensor, query: torch.Tensor, key: torch.Tenso
     scores_shape = (*query.shape[:-1], key.shape[-2])  # (N, ..., Hq, L, S)
     expanded = attn_mask.expand(scores_shape)
     try:
-        return expanded.unsqueeze(1) if query.dim() == 3 else expanded.view(-1, *scores_shape[-3:])
+        return expanded.unsqueeze(1) if query.dim() == 3 else expanded.view(math.prod(scores_shape[:-3]),
+                                                                            *scores_shape[-3:])
     except RuntimeError:
         return None
 
@@ -357,18 +368,13 @@ def scaled_dot_product_attention(
     (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev). What the kernel cannot do
     takes PyTorch's path (``explain_sdpa`` says why); under backend "triton" that raises instead."""
     op = "scaled_dot_product_attention"
-    _check_qkv(op, query, key, value, gqa=enable_gqa)
-    if is_causal and attn_mask is not None:
-        raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both")
-    _check_mask(op, attn_mask, (*query.shape[:-1], key.shape[-2]), query.device)
-    _check_dropout(op, dropout_p)
-    refusal = lambda kernels: _sdpa_refusal(query, key, value, attn_mask, enable_gqa, kernels)  # noqa: E731
+    mask, alignment, refusal = _prepare_sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if backend.choose(op, query.device, refusal) == "torch":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    mask = None if attn_mask is None else _sdpa_mask_4d(attn_mask, query, key)
+    mask = None if mask is None else _sdpa_mask_4d(mask, query, key)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     seed = dropout_seed() if dropout_p > 0 else 0
-    out, _ = _FlashAttention.apply(_as_4d(query), _as_4d(key), _as_4d(value), mask, scale,
-                                   "top_left" if is_causal else None, dropout_p, seed, None, None, None, None)
+    out, _ = _FlashAttention.apply(_as_4d(query), _as_4d(key), _as_4d(value), mask, scale, alignment, dropout_p,
+                                   seed, None, None, None, None)
     return out.view(query.shape)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

@@ -11,7 +11,9 @@ import engine
 from engine.kernels import dropout_keep_mask
 from engine.ops import attention_reference, flash_attention, flash_attn_varlen
 from engine.ops.attention import dropout_seed
-from engine.testing import assert_close, check_against_torch, forward_backward, kernel_device, triton_launches
+from engine.testing import (
+    assert_close, attention_inputs, check_against_torch, forward_backward, kernel_device, triton_launches,
+)
 
 KERNEL_DEVICE = kernel_device()
 
@@ -34,14 +36,6 @@ SHAPES = [
 NAMES = ["output", "query.grad", "key.grad", "value.grad"]
 
 
-def _qkv(shape, dtype, device=KERNEL_DEVICE, seed=0):
-    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
-    generator = torch.Generator().manual_seed(seed)
-    make = lambda *s: torch.randn(*s, generator=generator).to(device=device, dtype=dtype)  # noqa: E731
-    return (make(batch, heads, seqlen_q, head_dim), make(batch, kv_heads, seqlen_k, head_dim),
-            make(batch, kv_heads, seqlen_k, head_dim))
-
-
 def _pair(**options):
     """(engine, reference) attention functions of (q, k, v) with the same options."""
     reference_options = dict(options)
@@ -55,13 +49,13 @@ def _pair(**options):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}kv{}q{}k{}d{}".format(*s))
 def test_matches_reference(shape, dtype, causal):
-    launches = check_against_torch(*_pair(causal=causal), *_qkv(shape, dtype), names=NAMES)
+    launches = check_against_torch(*_pair(causal=causal), *attention_inputs(shape, dtype), names=NAMES)
     assert launches == KERNEL_RUN
 
 
 @pytest.mark.parametrize("scale", [0.3, 2.0])
 def test_custom_scale(scale):
-    launches = check_against_torch(*_pair(scale=scale, causal=True), *_qkv((1, 2, 2, 37, 50, 64), torch.float16),
+    launches = check_against_torch(*_pair(scale=scale, causal=True), *attention_inputs((1, 2, 2, 37, 50, 64), torch.float16),
                                    names=NAMES)
     assert launches == KERNEL_RUN
 
@@ -88,14 +82,14 @@ def _masks(batch, heads, seqlen_q, seqlen_k, device=KERNEL_DEVICE):
 def test_masks(shape, dtype, mask_kind):
     batch, heads, _, seqlen_q, seqlen_k, _ = shape
     mask = _masks(batch, heads, seqlen_q, seqlen_k)[mask_kind]
-    launches = check_against_torch(*_pair(attn_mask=mask), *_qkv(shape, dtype), names=NAMES)
+    launches = check_against_torch(*_pair(attn_mask=mask), *attention_inputs(shape, dtype), names=NAMES)
     assert launches == KERNEL_RUN
 
 
 def test_mask_with_causal_and_gqa():
     shape = (2, 4, 2, 64, 64, 32)
     mask = _masks(2, 4, 64, 64)["key-padding-bool"]
-    launches = check_against_torch(*_pair(attn_mask=mask, causal="bottom_right"), *_qkv(shape, torch.float32),
+    launches = check_against_torch(*_pair(attn_mask=mask, causal="bottom_right"), *attention_inputs(shape, torch.float32),
                                    names=NAMES)
     assert launches == KERNEL_RUN
 
@@ -103,7 +97,7 @@ def test_mask_with_causal_and_gqa():
 @pytest.mark.parametrize("case", ["bool-row", "additive-row", "bottom-right-short-keys"])
 def test_fully_masked_rows_give_zeros_and_zero_gradients(case):
     shape = (1, 2, 2, 37, 20, 32) if case == "bottom-right-short-keys" else (1, 2, 2, 37, 50, 32)
-    q, k, v = _qkv(shape, torch.float32)
+    q, k, v = attention_inputs(shape, torch.float32)
     options = {}
     if case == "bool-row":
         mask = torch.ones(37, 50, dtype=torch.bool, device=q.device)
@@ -129,7 +123,7 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients(case):
 
 
 def test_log_sum_exp_is_returned(kernel_device):
-    q, k, v = _qkv((2, 2, 1, 37, 50, 64), torch.float32)
+    q, k, v = attention_inputs((2, 2, 1, 37, 50, 64), torch.float32)
     with triton_launches():
         out, lse = flash_attention(q, k, v, causal="bottom_right", return_lse=True)
     expected_out, expected_lse = attention_reference(q, k, v, causal="bottom_right")
@@ -139,7 +133,7 @@ def test_log_sum_exp_is_returned(kernel_device):
 
 
 def test_causal_alignments_differ_only_when_lengths_differ():
-    q, k, v = _qkv((1, 1, 1, 37, 37, 32), torch.float32)
+    q, k, v = attention_inputs((1, 1, 1, 37, 37, 32), torch.float32)
     with triton_launches():
         top = flash_attention(q, k, v, causal="top_left")
         bottom = flash_attention(q, k, v, causal="bottom_right")
@@ -155,7 +149,7 @@ def test_causal_alignments_differ_only_when_lengths_differ():
 # --- dropout -------------------------------------------------------------------------------
 
 def test_dropout_is_deterministic_given_a_seed():
-    q, k, v = _qkv((2, 2, 2, 64, 64, 32), torch.float32)
+    q, k, v = attention_inputs((2, 2, 2, 64, 64, 32), torch.float32)
     with triton_launches():
         runs = [flash_attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
         torch.manual_seed(3)
@@ -182,7 +176,7 @@ def test_dropout_backward_matches_forward_mask(dtype, causal):
     """The kernel's forward and backward apply the same mask: compare with the reference given
     that mask (regenerated from the same seed)."""
     shape = (2, 4, 2, 37, 97, 64)
-    q, k, v = _qkv(shape, dtype)
+    q, k, v = attention_inputs(shape, dtype)
     p = 0.25
     seed = dropout_seed(torch.Generator().manual_seed(11))
     keep = dropout_keep_mask(seed, 2, 4, 37, 97, p, q.device)
@@ -291,7 +285,7 @@ def _saved_bytes(fn, *tensors) -> int:
 
 def test_bytes_saved_for_backward_grow_linearly_with_sequence_length():
     def saved(seqlen, fn):
-        q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, seqlen, seqlen, 32), torch.float32))
+        q, k, v = (t.requires_grad_() for t in attention_inputs((1, 2, 2, seqlen, seqlen, 32), torch.float32))
         return _saved_bytes(fn, q, k, v)
 
     def fused(q, k, v):
@@ -341,7 +335,7 @@ def test_sdpa_matches_torch(case):
 
 
 def test_sdpa_takes_torch_path_for_what_the_kernel_cannot_do():
-    q, k, v = _qkv((1, 2, 2, 16, 16, 32), torch.float32)
+    q, k, v = attention_inputs((1, 2, 2, 16, 16, 32), torch.float32)
     v_wide = torch.randn(1, 2, 16, 48, device=q.device)
     assert "value head dim" in engine.ops.explain_sdpa(q, k, v_wide)
     assert "float64" in engine.ops.explain_sdpa(q.double(), k.double(), v.double())
@@ -385,13 +379,13 @@ def test_sdpa_takes_torch_path_for_what_the_kernel_cannot_do():
     ],
 )
 def test_bad_input_names_the_problem(backend, call, error, match):
-    q, k, v = _qkv((1, 3, 3, 16, 16, 32), torch.float32, device="cpu")
+    q, k, v = attention_inputs((1, 3, 3, 16, 16, 32), torch.float32, device="cpu")
     with engine.use_backend(backend), pytest.raises(error, match=match):
         call(q, k, v)
 
 
 def test_head_dim_over_256_is_refused_by_the_kernel(kernel_device):
-    q, k, v = _qkv((1, 1, 1, 8, 8, 272), torch.float32)
+    q, k, v = attention_inputs((1, 1, 1, 8, 8, 272), torch.float32)
     with triton_launches(), pytest.raises(ValueError, match="head dim 272"):
         flash_attention(q, k, v)
     with engine.use_backend("torch"):
@@ -399,7 +393,7 @@ def test_head_dim_over_256_is_refused_by_the_kernel(kernel_device):
 
 
 def test_fp32_products_are_ieee_unless_tf32_is_allowed():
-    from engine.kernels.attention import _dot_precision
+    from engine.kernels.attention.common import dot_precision as _dot_precision
 
     matmul = torch.backends.cuda.matmul
     previous = matmul.allow_tf32
@@ -412,11 +406,9 @@ def test_fp32_products_are_ieee_unless_tf32_is_allowed():
         matmul.allow_tf32 = previous
 
 
-def test_dropout_of_one_gives_zeros_and_double_backward_is_refused():
-    q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, 37, 37, 32), torch.float32))
+def test_dropout_of_one_gives_zeros_and_zero_gradients():
+    q, k, v = attention_inputs((1, 2, 2, 37, 37, 32), torch.float32)
     with triton_launches():
-        out = flash_attention(q, k, v, dropout_p=1.0)
-        assert torch.equal(out, torch.zeros_like(out))
-        grads = torch.autograd.grad(flash_attention(q, k, v).sum(), (q, k, v), create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice|does not require grad"):
-            torch.autograd.grad(grads[0].sum(), q)
+        (out,), grads, _ = forward_backward(lambda q, k, v: flash_attention(q, k, v, dropout_p=1.0), q, k, v)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)

@@ -1,0 +1,106 @@
+"""The eager reference implementations: PyTorch ops with everything materialised.
+
+They are the torch path of the ops that PyTorch has no function for, the differentiable backward
+used for double backward (``create_graph=True``), and what tests and benchmarks compare with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_mask(seqlen_q: int, seqlen_k: int, alignment: str, device) -> torch.Tensor:
+    """(Sq, Sk) bool, True where visible: "top_left" (torch's is_causal) or "bottom_right"."""
+    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
+    return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(offset)
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    causal: str | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
+
+    query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. Rows that see no key get
+    probabilities 0 and a finite lse (so gradients stay finite)."""
+    key = key.repeat_interleave(query.shape[-3] // max(key.shape[-3], 1), -3)  # (B, Hq, Sk, D)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    if causal is not None:
+        visible = causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
+    scores = scores.masked_fill(empty, 0.0)
+    # softmax, not exp(scores - lse): lse rounds away log(sum) when a finite mask value such as
+    # torch.finfo(dtype).min dominates a row
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    return probs, torch.logsumexp(scores, dim=-1, keepdim=True).masked_fill(empty, float("inf"))
+
+
+def attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal: str | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with the (B, Hq, Sq, Sk) softmax materialised, in the inputs' dtype.
+
+    query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) with Hq a multiple of Hkv. ``dropout_keep``
+    (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p).
+    Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32; +inf for rows that see no key).
+    """
+    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p) if dropout_p < 1 else probs * 0
+    value = value.repeat_interleave(query.shape[-3] // max(value.shape[-3], 1), -3)  # (B, Hq, Sk, D)
+    return probs @ value, lse.squeeze(-1).float()
+
+
+def varlen_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: str | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_keep: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_reference`` over packed sequences, one sequence at a time: query (total_q, Hq, D),
+    key/value (total_k, Hkv, D) -> (out (total_q, Hq, D), lse (Hq, total_q)). Dropout keeps
+    ``dropout_keep[b, :, q_start:q_end, :len_k]`` (B, Hq, total_q, max_len_k) when given, else
+    draws from ``generator``."""
+    outs, lses = [], []
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(starts_q) - 1):
+        q = query[starts_q[b]:starts_q[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Sq_b, D)
+        k = key[starts_k[b]:starts_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        v = value[starts_k[b]:starts_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        keep = None
+        if dropout_keep is not None:
+            keep = dropout_keep[b:b + 1, :, starts_q[b]:starts_q[b + 1], :k.shape[2]]
+        elif dropout_p > 0:
+            keep = torch.rand((1, q.shape[1], q.shape[2], k.shape[2]), generator=generator).to(q.device) >= dropout_p
+        out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p)
+        outs.append(out[0].transpose(0, 1))  # (Sq_b, Hq, D)
+        lses.append(lse[0])  # (Hq, Sq_b)
+    return torch.cat(outs), torch.cat(lses, dim=1)

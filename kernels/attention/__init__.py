@@ -1,0 +1,38 @@
+"""FlashAttention-style fused attention: forward and backward, memory linear in sequence length.
+
+Forward (``forward.py``; one program per block of BLOCK_M query rows of one head): scores are
+computed tile by tile against BLOCK_N keys, masked, and folded into an online softmax in fp32
+(running max and sum); only the output and the per-row log-sum-exp are written. Backward
+(``backward.py``) recomputes the probabilities tile by tile from the saved log-sum-exp: a
+preprocessing kernel forms delta = rowsum(dO * O), one kernel accumulates dK and dV per block of
+keys (looping over every query head that shares the key head, so grouped-query attention needs
+no repeated K/V and no atomics), another accumulates dQ per block of queries. No (Sq, Sk) matrix
+is ever written. ``common.py`` holds what both share: tile masks, scores, tiles, layouts.
+
+Masks: causal (top-left aligned as torch's SDPA, or bottom-right aligned for a KV cache), and a
+boolean (True = attend) or additive mask read tile by tile through strides, so broadcast
+dimensions (a (B, 1, 1, Sk) key-padding mask) cost no memory. Tiles a mask hides completely are
+skipped, as are key tiles past a causal diagonal and query or key blocks past their sequence's
+end. A row with every key masked gets zeros and zero gradients (its log-sum-exp is +inf).
+
+Scores run in base 2 (the softmax scale folded with log2(e)), except with an additive mask: then
+they stay in natural-log units, so the very negative finite values models write into masks
+(torch.finfo(dtype).min) never overflow, and the log-sum-exp is kept as a (high, low) pair whose
+low part recovers what rounding the high part loses when such a value dominates a row.
+
+Dropout: keep-mask bits come from Philox (tl.rand) keyed by (seed + batch*heads + head) and the
+(row, column) position, so backward regenerates the forward's mask exactly.
+
+Layouts: padded tensors (B, H, S, D) with any strides but unit stride over D, or packed
+variable-length tensors (total, H, D) with cumulative sequence starts (B + 1,) int32.
+
+``count_tiles()`` (engine.kernels) counts the key tiles each kernel actually processed, exactly
+and on any device; it is compiled in only while counting.
+"""
+
+from engine.kernels.attention.backward import attention_backward
+from engine.kernels.attention.common import ATTENTION_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, dropout_keep_mask
+from engine.kernels.attention.forward import attention_forward
+
+__all__ = ["ATTENTION_DTYPES", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "attention_backward", "attention_forward",
+           "dropout_keep_mask"]

@@ -1,0 +1,266 @@
+"""The attention backward kernels and their launcher: delta = rowsum(dO * O), then dK/dV per block
+of keys and dQ per block of queries, the probabilities recomputed from the saved log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels._launch import launch, launch_tiled, record_tiles, tile_counter
+from engine.kernels.attention.common import (
+    Layout, _any_visible, _dropout_keep, _keys_end, _load_tile, _probabilities, _scores, _sequence_bounds,
+    _sequences, _tile_mask, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
+)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O,  # like Q in forward
+    DO,  # gradient of O, same layout
+    Delta,  # out: like LSE, rowsum(dO * O) in fp32
+    stride_ob, stride_oh, stride_os,
+    stride_dob, stride_doh, stride_dos,
+    stride_lb, stride_lh,
+    CuSeqlensQ,
+    num_heads, max_seqlen_q, total_q, head_dim,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, total_q, IS_VARLEN)
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < seqlen_q)[:, None] & (dims < head_dim)[None, :]
+    tokens = (q_start + rows).to(tl.int64)
+    o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, tokens, stride_os, dims, mask)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, tokens, stride_dos, dims, mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # as in forward; DO like Q
+    DK, DV,  # out: like K and V (contiguous)
+    LSE, LSE_LO, Delta,  # (B, Hq, Sq) fp32, or (Hq, total_q) packed; LSE_LO only when NATURAL
+    Mask,
+    CuSeqlensQ, CuSeqlensK,
+    Tiles,  # (1,) int32: (key block, query block) tiles processed, added up (COUNT_TILES)
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,  # DK and DV share one layout
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    num_heads, group_size, num_kv_heads,
+    max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
+    sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
+    IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bkv = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    batch = pid_bkv // num_kv_heads
+    kv_head = pid_bkv % num_kv_heads
+    q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
+        CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k, total_q, total_k, IS_VARLEN, CAUSAL_BOTTOM_RIGHT)
+    if pid_n * BLOCK_N >= seqlen_k:  # past this sequence's keys (packed batches)
+        return
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in_block = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+    k_tokens = (k_start + cols).to(tl.int64)
+    k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, k_tokens, stride_ks, dims, kv_mask)
+    v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, k_tokens, stride_vs, dims, kv_mask)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    begin = 0
+    if IS_CAUSAL:  # queries before this block's first visible row see none of its keys
+        begin = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    processed = 0
+    for member in range(0, group_size):  # every query head that shares this key/value head
+        head = kv_head.to(tl.int64) * group_size + member
+        bh = batch * num_heads + head
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        row_base = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+        mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+        for start_m in range(begin, seqlen_q, BLOCK_M):
+            rows = start_m + rows_in_block
+            visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+                                       causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+            if _any_visible(visible, HAS_MASK):
+                row_mask = rows < seqlen_q
+                q_tokens = (q_start + rows).to(tl.int64)
+                qd_mask = row_mask[:, None] & dim_mask[None, :]
+                q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
+                do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
+                lse = tl.load(LSE + row_base + rows, mask=row_mask, other=float("inf"))
+                lse_lo = 0.0
+                if NATURAL:
+                    lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
+                delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
+                s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+                p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                if HAS_DROPOUT:
+                    keep = _dropout_keep(seed + bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+                    p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+                    dp = tl.where(keep, dp * dropout_scale, 0.0)
+                else:
+                    p_dropped = p
+                dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+                processed += 1
+    dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
+    tl.store(DK + dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dk_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if COUNT_TILES:
+        tl.atomic_add(Tiles, processed)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,
+    DQ,  # out: like Q (contiguous)
+    LSE, LSE_LO, Delta,
+    Mask,
+    CuSeqlensQ, CuSeqlensK,
+    Tiles,  # (1,) int32: (query block, key block) tiles processed, added up (COUNT_TILES)
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    num_heads, group_size,
+    max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
+    sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
+    IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_head = head // group_size
+    q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
+        CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k, total_q, total_k, IS_VARLEN, CAUSAL_BOTTOM_RIGHT)
+    if pid_m * BLOCK_M >= seqlen_q:  # past this sequence's end (packed batches)
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    row_mask = rows < seqlen_q
+    qd_mask = row_mask[:, None] & dim_mask[None, :]
+    q_tokens = (q_start + rows).to(tl.int64)
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, q_tokens, stride_qs, dims, qd_mask)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, q_tokens, stride_dos, dims, qd_mask)
+    row_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows
+    lse = tl.load(LSE + row_offset, mask=row_mask, other=float("inf"))
+    lse_lo = 0.0
+    if NATURAL:
+        lse_lo = tl.load(LSE_LO + row_offset, mask=row_mask, other=0.0)
+    delta = tl.load(Delta + row_offset, mask=row_mask, other=0.0)
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    processed = 0
+    for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+                                   causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+        if _any_visible(visible, HAS_MASK):
+            kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+            k_tokens = (k_start + cols).to(tl.int64)
+            k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+            v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+            p = _probabilities(s, lse, lse_lo, NATURAL)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            processed += 1
+    dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if COUNT_TILES:
+        tl.atomic_add(Tiles, processed)
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    lse_lo: torch.Tensor | None = None,
+    causal: str | None = None,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo."""
+    q, k, v, out, do = (unit_last_stride(t) for t in (q, k, v, out, do))
+    layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if layout.empty:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    mask, mask_strides, mask_is_bool = mask_args(mask, layout)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    lse_strides = layout.lse_strides(lse)
+    delta = torch.empty_like(lse)
+    block_d = head_block(layout.head_dim)
+    delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
+    launch(
+        "attention_bwd_delta", _attn_bwd_delta_kernel,
+        (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, delta_rows)),
+        out, do, delta, *layout.strides(out), *layout.strides(do), *lse_strides, cu_seqlens_q,
+        layout.heads, layout.seqlen_q, layout.total_q, layout.head_dim,
+        IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
+    )
+    shared = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
+    sizes = (*layout.sizes(), scale, dropout_p, dropout_scale(dropout_p), seed)
+    tile_list = tiles(layout.head_dim, q.dtype, backward=True)
+    for name, kernel, grid, outputs, out_strides, heads in (
+        ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
+         lambda tile: (layout.batch * layout.kv_heads, triton.cdiv(layout.seqlen_k, tile["BLOCK_N"])),
+         (dk, dv), layout.strides(dk), (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads)),
+        ("attention_bwd_dq", _attn_bwd_dq_kernel,
+         lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
+         (dq,), layout.strides(dq), (layout.heads, layout.heads // layout.kv_heads)),
+    ):
+        counter = tile_counter(q.device)
+        launch_tiled(
+            name, kernel, tile_list, grid,
+            q, k, v, do, *outputs, lse, lse_lo, delta, mask, cu_seqlens_q, cu_seqlens_k, counter,
+            *shared, *out_strides, *lse_strides, *mask_strides, *heads, *sizes,
+            **meta, COUNT_TILES=counter is not None,
+        )
+        record_tiles(name, counter)
+    return dq, dk, dv

@@ -1,0 +1,329 @@
+"""What the attention kernels share: tile masks and scores (jit helpers), tiles, layouts, masks
+and the dropout mask."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.backend import interpreting
+from engine.kernels._launch import check_same_device, launch
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LOG2E = tl.constexpr(1.4426950408889634)  # base-2 scores: exp(x) = exp2(x * log2(e))
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tile_mask(
+    Mask,  # bool/uint8 or float mask (HAS_MASK)
+    mask_offset,  # offset of this (batch, head) in Mask
+    stride_mm, stride_mn,  # mask strides over query rows and key columns (0 where broadcast)
+    rows, cols,  # (BLOCK_M,) query and (BLOCK_N,) key positions within the sequence
+    seqlen_q, seqlen_k, causal_offset,  # key j is visible to query i when j <= i + causal_offset
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+):
+    """(visible, bias): (BLOCK_M, BLOCK_N) booleans, True where query i may see key j, and the
+    additive mask's fp32 values (0.0 without one; its -inf entries are not visible)."""
+    in_range = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    visible = in_range
+    if IS_CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+    bias = 0.0
+    if HAS_MASK:
+        m = tl.load(Mask + mask_offset + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :] * stride_mn,
+                    mask=in_range, other=0)
+        if MASK_IS_BOOL:
+            visible = visible & (m != 0)
+        else:
+            bias = m.to(tl.float32)
+            visible = visible & (bias != float("-inf"))
+    return visible, bias
+
+
+@triton.jit
+def _any_visible(visible, HAS_MASK: tl.constexpr):
+    """Whether a tile has anything to compute. Causal and range limits are loop bounds already;
+    only a mask can hide a whole tile, so only then is this a runtime test."""
+    if HAS_MASK:
+        return tl.max(tl.max(visible.to(tl.int32), axis=1), axis=0) > 0
+    else:
+        return True
+
+
+@triton.jit
+def _scores(
+    q, k,  # (BLOCK_M, BLOCK_D) query tile, (BLOCK_N, BLOCK_D) key tile
+    bias, visible,  # from _tile_mask
+    sm_scale,
+    NATURAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k + bias in natural-log
+    units when NATURAL (an additive mask), else scale * log2(e) * q.k (base 2)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if NATURAL:
+        s = s * sm_scale + bias
+    else:
+        s = s * (sm_scale * LOG2E)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _exp(d, NATURAL: tl.constexpr):
+    """exp of a difference of scores, in the scores' units."""
+    if NATURAL:
+        d = d * LOG2E
+    return tl.exp2(d)
+
+
+@triton.jit
+def _probabilities(
+    s,  # (BLOCK_M, BLOCK_N) scores from _scores
+    lse, lse_lo,  # (BLOCK_M,) the forward's log-sum-exp (natural log) and its low part (NATURAL)
+    NATURAL: tl.constexpr,
+):
+    """The forward's softmax, recomputed: exp(s - lse)."""
+    if NATURAL:
+        return tl.exp2(((s - lse[:, None]) - lse_lo[:, None]) * LOG2E)
+    else:
+        return tl.exp2(s - (lse * LOG2E)[:, None])
+
+
+@triton.jit
+def _dropout_keep(
+    seed,  # Philox seed for this (batch, head): the call's seed + batch * heads + head
+    rows, cols,  # (BLOCK_M,) query and (BLOCK_N,) key positions
+    seqlen_k,  # keys per row (the longest sequence for packed batches)
+    dropout_p,
+):
+    """(BLOCK_M, BLOCK_N) booleans: True where the probability is kept."""
+    offsets = rows.to(tl.int64)[:, None] * seqlen_k + cols[None, :]  # 64-bit: no wrap for long sequences
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _sequence_bounds(
+    CuSeqlens,  # (B + 1,) int32 cumulative sequence starts (IS_VARLEN)
+    batch, max_seqlen,
+    total,  # tokens in the packed tensor: a bad table is clamped to it, never read past it
+    IS_VARLEN: tl.constexpr,
+):
+    """(first token, length) of this batch entry's sequence."""
+    start = 0
+    length = max_seqlen
+    if IS_VARLEN:
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + batch), 0), total)
+        end = tl.minimum(tl.maximum(tl.load(CuSeqlens + batch + 1), start), total)
+        length = end - start
+    return start, length
+
+
+@triton.jit
+def _sequences(
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 (IS_VARLEN)
+    batch, max_seqlen_q, max_seqlen_k, total_q, total_k,
+    IS_VARLEN: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr,
+):
+    """(q_start, seqlen_q, k_start, seqlen_k, causal_offset) of this batch entry."""
+    q_start, seqlen_q = _sequence_bounds(CuSeqlensQ, batch, max_seqlen_q, total_q, IS_VARLEN)
+    k_start, seqlen_k = _sequence_bounds(CuSeqlensK, batch, max_seqlen_k, total_k, IS_VARLEN)
+    causal_offset = 0
+    if CAUSAL_BOTTOM_RIGHT:
+        causal_offset = seqlen_k - seqlen_q
+    return q_start, seqlen_q, k_start, seqlen_k, causal_offset
+
+
+@triton.jit
+def _load_tile(
+    Base,  # pointer to this (batch, head)'s first token
+    tokens,  # (BLOCK,) int64 token indices
+    stride,  # token stride
+    dims, mask,  # (BLOCK_D,) head-dim indices, (BLOCK, BLOCK_D) bounds mask
+):
+    """(BLOCK, BLOCK_D) rows of a (tokens, head_dim) matrix, zeros outside ``mask``."""
+    return tl.load(Base + tokens[:, None] * stride + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One past the last key any query of block pid_m may see."""
+    end = seqlen_k
+    if IS_CAUSAL:
+        end = tl.maximum(tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + causal_offset), 0)
+    return end
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Keep,  # (B * H, Sq, Sk) bool out: the forward's keep mask
+    num_heads, seqlen_q, seqlen_k, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed + pid_bh, rows, cols, seqlen_k, dropout_p)
+        offsets = pid_bh.to(tl.int64) * seqlen_q * seqlen_k + rows[:, None] * seqlen_k + cols[None, :]
+        tl.store(Keep + offsets, keep, mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
+
+
+def head_block(head_dim: int) -> int:
+    """BLOCK_D: the head dim rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> list[dict]:
+    """Tile sizes, warps and stages by head dim and dtype, largest first: the launcher takes the
+    first that fits the GPU's shared memory (227 KiB per program on H100/H200, 163 KiB on A100,
+    99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter."""
+    block_d = head_block(head_dim)
+    if interpreting():
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)]
+    # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
+    # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
+    if dtype != torch.float32:
+        if block_d <= 128:
+            ladder = [(64, 64, 2), (64, 32, 2), (32, 32, 1)] if backward else [(128, 64, 3), (128, 64, 2), (64, 64, 2)]
+        else:
+            ladder = [(32, 32, 2), (32, 32, 1), (16, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2), (32, 32, 1)]
+    elif block_d <= 64:
+        ladder = [(32, 32, 2), (32, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2)]
+    elif block_d <= 128:
+        ladder = [(32, 32, 1), (16, 16, 1)] if backward else [(32, 16, 2), (16, 16, 2)]
+    else:
+        ladder = [(32, 32, 1), (16, 32, 1), (16, 16, 1)] if backward else [(32, 32, 1), (16, 32, 1)]
+    return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
+                 num_stages=stages) for block_m, block_n, stages in ladder]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 products are exact IEEE unless the user allowed tf32 for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+class Layout:
+    """Strides and sizes of the (q, k, v) call, padded (B, H, S, D) or packed (total, H, D)."""
+
+    def __init__(self, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        if self.varlen:
+            self.batch = cu_seqlens_q.numel() - 1
+            self.heads, self.kv_heads = q.shape[1], k.shape[1]
+            self.seqlen_q, self.seqlen_k = max_seqlen_q, max_seqlen_k
+            self.total_q, self.total_k = q.shape[0], k.shape[0]
+        else:
+            self.batch, self.heads, self.seqlen_q = q.shape[:3]
+            self.kv_heads, self.seqlen_k = k.shape[1], k.shape[2]
+            self.total_q, self.total_k = self.seqlen_q, self.seqlen_k
+        self.head_dim = q.shape[-1]
+        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to compute: no batch, heads, queries or keys."""
+        return 0 in (self.batch, self.heads, self.kv_heads, self.seqlen_q, self.seqlen_k, self.total_q)
+
+    def sizes(self) -> tuple[int, ...]:
+        """(max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim), as the kernels take them."""
+        return self.seqlen_q, self.seqlen_k, self.total_q, self.total_k, self.head_dim
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, head, token) strides; packed tensors have no batch stride."""
+        return (0, t.stride(1), t.stride(0)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def new_lse(self, q: torch.Tensor) -> torch.Tensor:
+        """An fp32 per-row tensor: (Hq, total_q) packed or (B, Hq, Sq)."""
+        shape = (self.heads, q.shape[0]) if self.varlen else (self.batch, self.heads, self.seqlen_q)
+        return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+    def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
+        """(batch, head) strides of a per-row tensor (rows have unit stride)."""
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k) -> None:
+    """The launchers' contract (the ops validate user input with clearer messages first)."""
+    varlen = cu_seqlens_q is not None
+    rank = 3 if varlen else 4
+    layout = "(total, heads, head_dim)" if varlen else "(batch, heads, seq, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            raise ValueError(f"attention: {name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in ATTENTION_DTYPES:
+            raise TypeError(f"attention: {name} dtype must be one of {ATTENTION_DTYPES}, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device("attention", q=q, k=k, v=v, mask=mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"attention: q and k head dims differ: {head_dim} and {k.shape[-1]}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    heads, kv_heads = q.shape[-3 if not varlen else 1], k.shape[-3 if not varlen else 1]
+    if (heads % kv_heads if kv_heads else heads):
+        raise ValueError(f"attention: query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if not varlen and (q.shape[0] != k.shape[0]):
+        raise ValueError(f"attention: q and k batch sizes differ: {q.shape[0]} and {k.shape[0]}")
+    if varlen:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if cu is None or cu.dim() != 1 or cu.dtype != torch.int32:
+                raise ValueError(f"attention: {name} must be a 1-D int32 tensor of sequence starts")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError("attention: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+        if mask is not None:
+            raise ValueError("attention: packed (variable-length) batches take no attn_mask")
+
+
+def mask_args(mask: torch.Tensor | None, layout: Layout) -> tuple:
+    """(mask tensor, its 4 strides broadcast to (B, Hq, Sq, Sk), whether boolean)."""
+    if mask is None:
+        return None, (0, 0, 0, 0), False
+    full = (layout.batch, layout.heads, layout.seqlen_q, layout.seqlen_k)
+    try:
+        expanded = mask.expand(full)  # a view: broadcast dimensions get stride 0
+    except RuntimeError:
+        raise ValueError(f"attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"(batch, heads, seq_q, seq_k) = {full}") from None
+    is_bool = mask.dtype == torch.bool
+    if is_bool:
+        expanded = expanded.view(torch.uint8)
+    elif not mask.is_floating_point():
+        raise TypeError(f"attention: attn_mask must be bool or floating point, got {mask.dtype}")
+    return expanded, tuple(expanded.stride()), is_bool
+
+
+def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
+          dtype: torch.dtype) -> dict:
+    """The compile-time arguments every attention kernel takes."""
+    return dict(
+        IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
+        MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
+        IS_VARLEN=layout.varlen, DOT_PRECISION=dot_precision(dtype),
+    )
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """What kept probabilities are multiplied by: 1 / (1 - p), and 0 when everything is dropped."""
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+                      device: torch.device) -> torch.Tensor:
+    """The (B, H, Sq, Sk) boolean keep mask that padded attention with this seed applies."""
+    keep = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if keep.numel():
+        launch("attention_dropout_mask", _dropout_mask_kernel, (batch * heads, triton.cdiv(seqlen_q, 64)),
+               keep, heads, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M=64, BLOCK_N=64)
+    return keep

@@ -1,0 +1,153 @@
+"""The attention forward kernel and its launcher: out and the per-row log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels._launch import launch_tiled, record_tiles, tile_counter
+from engine.kernels.attention.common import (
+    LN2, Layout, _any_visible, _dropout_keep, _exp, _keys_end, _load_tile, _scores, _sequences, _tile_mask, check,
+    dropout_scale, flags, mask_args, tiles, unit_last_stride,
+)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, Hq, Sq, D), or (total_q, Hq, D) packed
+    K,  # (B, Hkv, Sk, D), or (total_k, Hkv, D) packed
+    V,  # like K
+    O,  # out: like Q
+    LSE,  # (B, Hq, Sq) fp32 out, or (Hq, total_q) packed: natural-log log-sum-exp per row
+    LSE_LO,  # like LSE (NATURAL): what rounding LSE lost, so that LSE + LSE_LO is the exact sum
+    Mask,  # bool/uint8 or float mask broadcast to (B, Hq, Sq, Sk) by its strides (HAS_MASK)
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 (IS_VARLEN)
+    Tiles,  # (1,) int32: key tiles processed, added up (COUNT_TILES)
+    stride_qb, stride_qh, stride_qs,  # batch, head, token strides of Q (D has unit stride)
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,  # LSE (and LSE_LO) batch and head strides (tokens have unit stride)
+    stride_mb, stride_mh, stride_mm, stride_mn,  # mask strides (0 where broadcast)
+    num_heads, group_size,  # query heads, query heads per key/value head
+    max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
+    sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
+    IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
+    pid_m = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_head = head // group_size
+    q_start, seqlen_q, k_start, seqlen_k, causal_offset = _sequences(
+        CuSeqlensQ, CuSeqlensK, batch, max_seqlen_q, max_seqlen_k, total_q, total_k, IS_VARLEN, CAUSAL_BOTTOM_RIGHT)
+    if pid_m * BLOCK_M >= seqlen_q:  # past this sequence's end (packed batches): nothing to do
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    row_mask = rows < seqlen_q
+    q_tokens = (q_start + rows).to(tl.int64)
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, q_tokens, stride_qs, dims,
+                   row_mask[:, None] & dim_mask[None, :])
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, in the scores' units
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    processed = 0
+    for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+                                   causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+        if _any_visible(visible, HAS_MASK):
+            kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+            k_tokens = (k_start + cols).to(tl.int64)
+            k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+            v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = _exp(s - m_safe[:, None], NATURAL)
+            alpha = _exp(m_i - m_safe, NATURAL)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+                p = tl.where(keep, p * dropout_scale, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+            processed += 1
+
+    empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    log_l = tl.log2(tl.where(empty, 1.0, l_i))
+    lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows
+    if NATURAL:  # lse = m + ln(l) as an exact (high, low) pair: m may dwarf ln(l) (finfo.min masks)
+        m = tl.where(empty, 0.0, m_i)
+        ln_l = log_l * LN2
+        lse = m + ln_l
+        round_trip = lse - m
+        lse_lo = (m - (lse - round_trip)) + (ln_l - round_trip)
+        tl.store(LSE_LO + lse_offset, tl.where(empty, 0.0, lse_lo), mask=row_mask)
+    else:
+        lse = (m_i + log_l) * LN2
+    o_ptrs = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_tokens[:, None] * stride_os + dims[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    tl.store(LSE + lse_offset, tl.where(empty, float("inf"), lse), mask=row_mask)
+    if COUNT_TILES:
+        tl.atomic_add(Tiles, processed)
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: str | None = None,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Sk, D), or packed (total, H, D) with
+    cumulative starts. ``causal``: None, "top_left" or "bottom_right". ``mask``: bool (True =
+    attend) or additive, broadcastable to (B, Hq, Sq, Sk).
+
+    Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
+    holds what rounding lse lost, for the backward, with an additive mask; None otherwise."""
+    check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k)
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = torch.empty_like(q)
+    lse = layout.new_lse(q)
+    mask, mask_strides, mask_is_bool = mask_args(mask, layout)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    lse_lo = layout.new_lse(q) if meta["NATURAL"] else None
+    if layout.empty:
+        out.zero_(), lse.fill_(float("inf"))
+        if lse_lo is not None:
+            lse_lo.zero_()
+        return out, lse, lse_lo
+    counter = tile_counter(q.device)
+    launch_tiled(
+        "attention_fwd", _attn_fwd_kernel, tiles(layout.head_dim, q.dtype, backward=False),
+        lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
+        q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k, counter,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+        *layout.lse_strides(lse), *mask_strides,
+        layout.heads, layout.heads // layout.kv_heads, *layout.sizes(),
+        scale, dropout_p, dropout_scale(dropout_p), seed,
+        **meta, COUNT_TILES=counter is not None,
+    )
+    record_tiles("attention_fwd", counter)
+    return out, lse, lse_lo

@@ -4,7 +4,8 @@ stored in benchmarks/baselines/<device class>.json.
 - Counters are device-independent and compared exactly: bytes saved for backward per layer,
   kernel launches per training step (counted at the launchers and extension calls), optimizer
   state bytes and parameter counts, for small GPT and BERT models with the engine's kernels forced
-  (through Triton's interpreter on CPU).
+  (through Triton's interpreter on CPU); and the attention tiles processed (forward + backward)
+  for full, causal, key-padded and packed batches.
 - Speed ratios to eager are measured side by side in one benchmark run and must stay above a floor
   per device class (loose on shared CPUs, tight on GPUs).
 """
@@ -61,6 +62,33 @@ def _model_counters(name: str, model: torch.nn.Module, batch: dict, loss_fn) -> 
     }
 
 
+def _attention_tiles(device: str) -> dict[str, int]:
+    """Tiles the attention kernels process, forward and backward, for fixed inputs of 256 tokens."""
+    from engine import backend
+    from engine.kernels import count_tiles
+    from engine.ops import flash_attention, flash_attn_varlen
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=generator).to(device, torch.float16).requires_grad_()
+               for _ in range(3))
+    padding = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=device)
+    padding[1, ..., 96:] = False
+    lengths = torch.tensor([0, 16, 272], dtype=torch.int32, device=device)  # sequences of 16 and 256 tokens
+    packed = [torch.randn(272, 4, 64, generator=generator).to(device, torch.float16).requires_grad_() for _ in range(3)]
+    calls = {
+        "full": lambda: flash_attention(q, k, v),
+        "causal": lambda: flash_attention(q, k, v, causal=True),
+        "key_padding": lambda: flash_attention(q, k, v, attn_mask=padding),
+        "packed_16_256": lambda: flash_attn_varlen(*packed, lengths, lengths, 256, 256),
+    }
+    counters = {}
+    for name, call in calls.items():
+        with backend.use_backend("triton"), count_tiles() as tiles:
+            call().sum().backward()
+        counters[f"attention.tiles_fwd_bwd.{name}"] = tiles.total()
+    return counters
+
+
 def collect_counters() -> dict[str, int]:
     """The device-independent counters (the kernels forced; interpreter on CPU)."""
     from engine.models import GPT, BertConfig, BertForSequenceClassification, GPTConfig
@@ -78,7 +106,7 @@ def collect_counters() -> dict[str, int]:
     labels = torch.tensor([0, 1], device=device)
     counters |= _model_counters("bert_tiny", bert, {"ids": ids % 128, "mask": mask},
                                 lambda m, b: m(b["ids"], b["mask"], labels=labels)[1])
-    return counters
+    return counters | _attention_tiles(device)
 
 
 def engine_ratios(bench_rows: list[dict]) -> dict[str, float]:

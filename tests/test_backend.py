@@ -1,5 +1,8 @@
 """Backend selection: auto, triton, torch; no silent fallback."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -90,3 +93,11 @@ def test_missing_triton_warns_once_on_cuda_and_raises_when_strict(monkeypatch):
     monkeypatch.setenv("ENGINE_STRICT", "1")
     with pytest.raises(RuntimeError, match="ENGINE_STRICT"):
         backend.choose("rms_norm", cuda)
+
+
+def test_importing_engine_loads_no_triton():
+    """The CLI sets TRITON_INTERPRET after `import engine` (gate, bench on CPU): Triton, and with it
+    its own jit functions, must not load before that."""
+    code = "import sys, engine, engine.ops, engine.nn, engine.optim; assert not [m for m in sys.modules if m.startswith('triton')]"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

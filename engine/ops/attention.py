@@ -21,7 +21,6 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from engine import backend
 from engine.errors import InvalidArgument, InvalidDtype
@@ -97,6 +96,16 @@ def _is_plain(t: torch.Tensor) -> bool:
     return function in _PLAIN_TORCH_FUNCTION and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
 
 
+def _is_causal_bias(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` is torch's CausalBias (imported only for subclasses: it imports torch._dynamo,
+    and with it Triton, which must not load before TRITON_INTERPRET is settled)."""
+    if _is_plain(mask):
+        return False
+    from torch.nn.attention.bias import CausalBias
+
+    return isinstance(mask, CausalBias)
+
+
 def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                     kernels: ModuleType) -> str | None:
     """Why the kernel cannot take these (already validated) arguments, or None."""
@@ -154,14 +163,14 @@ def _resolve_mask(op: str, attn_mask: torch.Tensor | None, causal: str | None, s
     other masks are checked and kept, beside ``causal``."""
     if attn_mask is None:
         return None, causal
-    if isinstance(attn_mask, CausalBias):
+    if _is_causal_bias(attn_mask):
         if causal is not None:
             raise InvalidArgument(f"{op}: a CausalBias attn_mask is causal already; do not also pass causal")
         seqlen_q, seqlen_k = shape[-2:]
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (seqlen_q, seqlen_k):
             raise InvalidArgument(f"{op}: attn_mask is a CausalBias for {attn_mask.seq_len_q} queries and "
                                   f"{attn_mask.seq_len_kv} keys, but query and key have {seqlen_q} and {seqlen_k}")
-        upper_left = attn_mask.variant == CausalVariant.UPPER_LEFT or seqlen_q == seqlen_k
+        upper_left = attn_mask.variant.name == "UPPER_LEFT" or seqlen_q == seqlen_k
         return None, "top_left" if upper_left else "bottom_right"
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise InvalidDtype(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
@@ -312,7 +321,7 @@ def _sdpa_refusal(query, key, value, mask, enable_gqa, kernels: ModuleType) -> s
 def _prepare_sdpa(op: str, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
     """Validate an SDPA call: (the kernel's mask, causal alignment, the kernel's refusal)."""
     _check_qkv(op, query, key, value, gqa=enable_gqa)
-    if is_causal and attn_mask is not None and not isinstance(attn_mask, CausalBias):
+    if is_causal and attn_mask is not None and not _is_causal_bias(attn_mask):
         raise InvalidArgument(f"{op}: pass either attn_mask or is_causal=True, not both")
     mask, alignment = _resolve_mask(op, attn_mask, "top_left" if is_causal else None,
                                     (*query.shape[:-1], key.shape[-2]), query.device)

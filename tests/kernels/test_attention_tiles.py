@@ -1,0 +1,95 @@
+"""The work the attention kernels do, counted exactly: key tiles processed by the forward, dK/dV and
+dQ kernels (engine.kernels.count_tiles). Causal attention does about half the work of full
+attention, packed batches work in proportion to their real lengths, and tiles a mask hides are
+skipped. The expected counts follow from the tile sizes the launcher uses."""
+
+import math
+
+import pytest
+import torch
+
+from engine.kernels import count_tiles
+from engine.kernels.attention.common import tiles as tile_list
+from engine.ops import flash_attention, flash_attn_varlen
+from engine.testing import attention_inputs, forward_backward, kernel_device, triton_launches
+
+KERNEL_DEVICE = kernel_device()
+HEAD_DIM = 32
+
+
+def _blocks(backward: bool) -> tuple[int, int]:
+    tile = tile_list(HEAD_DIM, torch.float16, backward=backward)[0]
+    return tile["BLOCK_M"], tile["BLOCK_N"]
+
+
+def _pairs(seqlen_q: int, seqlen_k: int, backward: bool, causal: bool = False) -> dict[str, int]:
+    """Tiles per (batch, query head) for one sequence: (query block, key block) pairs with work."""
+    block_m, block_n = _blocks(backward)
+    counted = 0
+    for m in range(math.ceil(seqlen_q / block_m)):
+        keys = seqlen_k if not causal else min(seqlen_k, (m + 1) * block_m)  # top-left: key j <= query i
+        counted += math.ceil(keys / block_n)
+    return counted
+
+
+def _counted(fn, *tensors) -> dict[str, int]:
+    with triton_launches(), count_tiles() as counted:
+        forward_backward(fn, *tensors)
+    return dict(counted)
+
+
+def _expected(lengths: list[tuple[int, int]], heads: int, causal: bool = False) -> dict[str, int]:
+    forward = heads * sum(_pairs(q, k, False, causal) for q, k in lengths)
+    backward = heads * sum(_pairs(q, k, True, causal) for q, k in lengths)
+    return {"attention_fwd": forward, "attention_bwd_dkdv": backward, "attention_bwd_dq": backward}
+
+
+def test_causal_processes_about_half_the_tiles_of_full_attention():
+    q, k, v = attention_inputs((2, 4, 2, 256, 256, HEAD_DIM), torch.float16)
+    full = _counted(lambda q, k, v: flash_attention(q, k, v), q, k, v)
+    causal = _counted(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v)
+    assert full == _expected([(256, 256)] * 2, heads=4)
+    assert causal == _expected([(256, 256)] * 2, heads=4, causal=True)
+    for name in full:
+        assert 0.5 <= causal[name] / full[name] <= 0.65  # (n + 1) / 2n of the blocks for n blocks per side
+
+
+@pytest.mark.parametrize("lengths", [[16, 256], [256, 256], [1, 1, 130, 3]], ids=str)
+def test_packed_batches_work_in_proportion_to_their_real_lengths(lengths):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 2, HEAD_DIM, generator=generator).to(KERNEL_DEVICE, torch.float16)
+               for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=KERNEL_DEVICE)
+    counted = _counted(lambda q, k, v: flash_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths)), q, k, v)
+    assert counted == _expected([(n, n) for n in lengths], heads=2)
+
+
+def test_tiles_a_mask_hides_are_skipped():
+    q, k, v = attention_inputs((2, 2, 2, 128, 256, HEAD_DIM), torch.float16)
+    padding = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=q.device)
+    padding[1, ..., 100:] = False  # the second sequence has 100 real keys
+    counted = _counted(lambda q, k, v: flash_attention(q, k, v, attn_mask=padding), q, k, v)
+    assert counted == _expected([(128, 256), (128, 100)], heads=2)
+
+    additive = torch.zeros(2, 1, 1, 256, device=q.device, dtype=torch.float16)
+    additive[1, ..., 100:] = float("-inf")  # -inf hides as False does
+    assert _counted(lambda q, k, v: flash_attention(q, k, v, attn_mask=additive), q, k, v) == counted
+
+    additive[1, ..., 100:] = torch.finfo(torch.float16).min  # finite: those keys still take part
+    assert _counted(lambda q, k, v: flash_attention(q, k, v, attn_mask=additive), q, k, v) == \
+        _expected([(128, 256)] * 2, heads=2)
+
+    hidden = torch.zeros(128, 256, dtype=torch.bool, device=q.device)
+    with triton_launches() as launches, count_tiles() as counted:
+        (out,), grads, _ = forward_backward(lambda q, k, v: flash_attention(q, k, v, attn_mask=hidden), q, k, v)
+    assert launches["attention_fwd"] == launches["attention_bwd_dq"] == 1 and counted.total() == 0
+    assert not out.any() and not any(g.any() for g in grads)
+
+
+def test_counting_is_off_outside_the_block():
+    q, k, v = attention_inputs((1, 1, 1, 64, 64, HEAD_DIM), torch.float16)
+    with count_tiles() as counted:
+        pass
+    with triton_launches():
+        flash_attention(q, k, v)
+    assert not counted

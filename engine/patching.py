@@ -10,6 +10,7 @@ others in transformers 5) also get their attention routed through
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -21,18 +22,12 @@ from engine import ops
 ATTENTION_NAME = "engine"
 
 
-class PromotingRMSNorm(engine_nn.RMSNorm):
-    """engine.nn.RMSNorm returning the promoted dtype of input and weight, as transformers'
-    Llama-family RMSNorm does (fp32 weights on bf16 activations give fp32)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out = super().forward(input)
-        return out if self.weight is None else out.to(torch.promote_types(input.dtype, self.weight.dtype))
-
-
-def _hf_rms_norm(module: torch.nn.Module) -> engine_nn.RMSNorm:
-    """transformers' Llama-family RMSNorm (``weight``, ``variance_epsilon``) as the engine's."""
-    norm = PromotingRMSNorm(module.weight.shape, eps=module.variance_epsilon, device="meta")
+def _hf_rms_norm(module: torch.nn.Module, *, casting_mode: str, offset: float = 0.0) -> engine_nn.RMSNorm:
+    """A transformers RMSNorm (``weight`` and ``variance_epsilon`` or ``eps``) as the engine's, with
+    that family's numerics: Llama's casts before the weight multiply and promotes the output with
+    the weight's dtype ("llama"); Gemma's scales by (1 + w) in fp32 and returns the input's dtype."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    norm = engine_nn.RMSNorm(module.weight.shape, eps=eps, device="meta", offset=offset, casting_mode=casting_mode)
     norm.weight = module.weight  # the same Parameter
     return norm
 
@@ -44,9 +39,13 @@ REPLACEMENTS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
     torch.nn.MultiheadAttention: engine_nn.MultiheadAttention.from_torch,
     torch.nn.TransformerEncoderLayer: engine_nn.TransformerEncoderLayer.from_torch,
 }
-# transformers classes, by name (transformers is optional).
+# transformers classes, by name (transformers is optional), each with its family's numerics.
 REPLACEMENTS_BY_NAME: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
-    "LlamaRMSNorm": _hf_rms_norm,
+    **dict.fromkeys(("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"),
+                    functools.partial(_hf_rms_norm, casting_mode="llama")),
+    **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"),
+                    functools.partial(_hf_rms_norm, casting_mode="gemma", offset=1.0)),
+    "Olmo2RMSNorm": functools.partial(_hf_rms_norm, casting_mode="gemma"),  # (w * fp32 normalised).to(input dtype)
 }
 
 

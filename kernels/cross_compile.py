@@ -120,15 +120,15 @@ class VirtualGPU:
         return None, None, program.registers or 0, program.stack or 0, 1024
 
 
-def _norm_case(rms: bool, dtype: torch.dtype, width: int, residual: bool = False) -> Callable[[], None]:
+def _norm_case(rms: bool, dtype: torch.dtype, width: int, residual: bool = False, **options) -> Callable[[], None]:
     def run():
         x = torch.randn(64, width, dtype=dtype)
         weight = torch.ones(width, dtype=dtype)
         bias = None if rms else torch.zeros(width, dtype=dtype)
         other = torch.randn_like(x) if residual else None  # the residual, then the gradient reaching h
-        y, h, mean, rstd = norm_forward(x, weight, bias, other, eps=1e-5, rms=rms)
+        y, h, mean, rstd = norm_forward(x, weight, bias, other, eps=1e-5, rms=rms, **options)
         norm_backward(torch.randn_like(y), x if h is None else h, weight, mean, rstd, other,
-                      bias_dtype=None if rms else dtype, rms=rms)
+                      bias_dtype=None if rms else dtype, rms=rms, offset=options.get("offset", 0.0))
     return run
 
 
@@ -161,6 +161,11 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
             for width in ((1024, 16384) if quick else (1024, 16384, 65536)):
                 found[f"{'rms' if rms else 'layer'}_norm {str(dtype)[6:]} width {width}"] = _norm_case(rms, dtype, width)
     found["add_norm float16 width 4096"] = _norm_case(False, torch.float16, 4096, residual=True)
+    found["add_norm bfloat16 width 4096, residual in fp32"] = _norm_case(
+        False, torch.bfloat16, 4096, residual=True, h_dtype=torch.float32, act_dtype=torch.bfloat16)
+    for mode in ("llama", "none"):
+        found[f"rms_norm bfloat16 width 4096, {mode} casting, offset 1"] = _norm_case(
+            True, torch.bfloat16, 4096, casting_mode=mode, offset=1.0)
     head_dims = (64, 128, 256) if quick else (16, 32, 64, 80, 96, 128, 256)
     for dtype in ((torch.bfloat16, torch.float32) if quick else (torch.float16, torch.bfloat16, torch.float32)):
         for head_dim in head_dims:

@@ -2,11 +2,17 @@
 
 Forward, per row of width N (all arithmetic in fp32, statistics saved for backward):
     h = x + residual                      (only with a residual; h is stored, rounded to its dtype)
-    LayerNorm: y = (h - mean) * rstd * w + b,   rstd = 1 / sqrt(var(h) + eps)
-    RMSNorm:   y = h * rstd * w,                rstd = 1 / sqrt(mean(h^2) + eps)
-Backward: dx = rstd * (w*dy - xhat * mean(w*dy*xhat) - mean(w*dy))   (RMSNorm drops the last term),
-plus the gradient arriving at h. dw = sum over rows of dy * xhat, db = sum of dy: each program
-keeps fp32 partial sums for its rows, then a column-sum kernel reduces them on the device.
+    LayerNorm: y = (h - mean) * rstd * w + b,         rstd = 1 / sqrt(var(h) + eps)
+    RMSNorm:   y = h * rstd * (offset + w),           rstd = 1 / sqrt(mean(h^2) + eps)
+RMSNorm's casting modes say where results are rounded to the activation dtype ACT (Liger's names):
+    "gemma" (torch's F.rms_norm): nowhere but y;  "llama": xhat = h * rstd before the weight
+    multiply (Llama, Qwen, Mistral);  "none": rstd, xhat, offset + w and y, as a norm computed in
+    ACT would (its sums still accumulate in fp32).
+Backward (casts pass gradients through, as autograd's do):
+    dx = rstd * (w'dy - xhat * mean(w'dy * xhat) - mean(w'dy)),  w' = offset + w
+(RMSNorm drops the last term), plus the gradient arriving at h. dw = sum over rows of dy * xhat,
+db = sum of dy: each program keeps fp32 partial sums for its rows, then a column-sum kernel
+reduces them on the device.
 
 A row that fits one block (64 KiB) stays in registers. Wider rows loop over column blocks: the
 forward merges per-block moments (Chan's parallel variance) and reads the row twice; the backward
@@ -44,6 +50,18 @@ def _load_input_tile(
 
 
 @triton.jit
+def _round(x, ACT: tl.constexpr):
+    """fp32 ``x`` rounded to the activation dtype (to nearest, ties to even) and back. bf16 is
+    rounded on the bits: Triton's interpreter truncates a plain fp32 -> bf16 cast, GPUs round."""
+    if ACT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(ACT).to(tl.float32)
+
+
+@triton.jit
 def _normalize_store_tile(
     Y,  # (M, N) out: normalised rows
     W,  # (N,) weight (HAS_WEIGHT)
@@ -51,14 +69,26 @@ def _normalize_store_tile(
     x, mean, rstd,  # (BLOCK_M, BLOCK_N) fp32 tile, (BLOCK_M,) fp32 statistics
     rows, cols, mask, col_mask,
     stride_y,
+    offset,  # added to the weight (RMSNorm: 1.0 for Gemma's (1 + w) scaling)
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CASTING: tl.constexpr, ACT: tl.constexpr,  # 0 gemma, 1 llama, 2 none; the activation dtype
 ):
     if IS_RMS:
-        y = x * rstd[:, None]
+        scale = rstd
+        if CASTING == 2:
+            scale = _round(scale, ACT)
+        y = x * scale[:, None]
     else:
         y = (x - mean[:, None]) * rstd[:, None]
+    if CASTING != 0:
+        y = _round(y, ACT)
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if CASTING == 2:
+            w = _round(_round(w, ACT) + offset, ACT)
+        else:
+            w = w + offset
+        y = y * w[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -77,7 +107,9 @@ def _norm_fwd_kernel(
     stride_x, stride_r, stride_h, stride_y,  # row strides
     M, N,  # rows, row width
     eps,  # added to the variance (mean square) inside the square root
+    offset,  # added to the weight (RMSNorm)
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CASTING: tl.constexpr, ACT: tl.constexpr,  # RMSNorm casting mode (0 gemma, 1 llama, 2 none), its dtype
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,8 +128,8 @@ def _norm_fwd_kernel(
             centered = tl.where(mask, x - mean[:, None], 0.0)
             square_sum = tl.sum(centered * centered, axis=1)
         rstd = 1.0 / tl.sqrt(square_sum / N + eps)
-        _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
-                              IS_RMS, HAS_WEIGHT, HAS_BIAS)
+        _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y, offset,
+                              IS_RMS, HAS_WEIGHT, HAS_BIAS, CASTING, ACT)
     else:
         # Pass 1: merge per-block moments; all blocks but the last hold BLOCK_N columns.
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -126,8 +158,8 @@ def _norm_fwd_kernel(
                 x = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
-                                  IS_RMS, HAS_WEIGHT, HAS_BIAS)
+            _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y, offset,
+                                  IS_RMS, HAS_WEIGHT, HAS_BIAS, CASTING, ACT)
     if not IS_RMS:
         tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
@@ -141,9 +173,10 @@ def _load_grad_tile(
     mean, rstd,  # (BLOCK_M,) fp32 statistics
     rows, cols, mask, col_mask,
     stride_x, stride_dy,
+    offset,  # added to the weight (RMSNorm)
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
-    """Return xhat, dy and w * dy for one tile, fp32, zero outside ``mask``."""
+    """Return xhat, dy and (offset + w) * dy for one tile, fp32, zero outside ``mask``."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if IS_RMS:
@@ -151,7 +184,7 @@ def _load_grad_tile(
     else:
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     if HAS_WEIGHT:
-        wdy = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        wdy = dy * (tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset)[None, :]
     else:
         wdy = dy
     return xhat, dy, wdy
@@ -189,6 +222,7 @@ def _norm_bwd_kernel(
     stride_x, stride_dy, stride_dh, stride_dx,  # row strides
     M, N,  # rows, row width
     rows_per_program,  # rows [pid * rows_per_program, +rows_per_program) belong to this program
+    offset,  # added to the weight (RMSNorm)
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
@@ -211,7 +245,7 @@ def _norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
             xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
-                                            stride_x, stride_dy, IS_RMS, HAS_WEIGHT)
+                                            stride_x, stride_dy, offset, IS_RMS, HAS_WEIGHT)
             c1 = tl.sum(xhat * wdy, axis=1) / N
             c2 = tl.sum(wdy, axis=1) / N
             _store_dx_tile(DX, DH, xhat, wdy, c1, c2, rstd, rows, cols, mask, stride_dh, stride_dx,
@@ -239,7 +273,7 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
-                                                stride_x, stride_dy, IS_RMS, HAS_WEIGHT)
+                                                stride_x, stride_dy, offset, IS_RMS, HAS_WEIGHT)
                 c1 += tl.sum(xhat * wdy, axis=1)
                 c2 += tl.sum(wdy, axis=1)
             c1 = c1 / N
@@ -250,7 +284,7 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
-                                                stride_x, stride_dy, IS_RMS, HAS_WEIGHT)
+                                                stride_x, stride_dy, offset, IS_RMS, HAS_WEIGHT)
                 _store_dx_tile(DX, DH, xhat, wdy, c1, c2, rstd, rows, cols, mask, stride_dh, stride_dx,
                                IS_RMS, HAS_DH)
                 if HAS_WEIGHT:
@@ -315,6 +349,10 @@ def _check_vector(name: str, t: torch.Tensor | None, width: int) -> torch.Tensor
     return t.contiguous()
 
 
+CASTING_MODES = {"gemma": 0, "llama": 1, "none": 2}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -323,11 +361,18 @@ def norm_forward(
     *,
     eps: float,
     rms: bool,
+    offset: float = 0.0,
+    casting_mode: str = "gemma",
+    h_dtype: torch.dtype | None = None,
+    act_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Normalise the rows of ``x`` (M, N), after adding ``residual`` (M, N) when given.
 
-    Returns (y, h, mean, rstd): y has h's dtype (x's without a residual); h = x + residual in
-    their promoted dtype, or None; mean (None for RMSNorm) and rstd are (M,) fp32.
+    h = x + residual in ``h_dtype`` (default: their promoted dtype), or None. The casting mode
+    (RMSNorm) rounds to ``act_dtype`` (default: the normalised tensor's dtype); y has
+    ``out_dtype`` (default: ``act_dtype``). Returns (y, h, mean (None for RMSNorm), rstd), the
+    statistics (M,) fp32.
     """
     if x.dim() != 2:
         raise ValueError(f"norm: x must be 2-D (rows, width), got shape {tuple(x.shape)}")
@@ -344,9 +389,10 @@ def norm_forward(
         if residual.dtype not in NORM_DTYPES:
             raise TypeError(f"norm: residual dtype must be one of {NORM_DTYPES}, got {residual.dtype}")
         residual = _unit_stride_rows("residual", residual, x.shape)
-        h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        h = torch.empty(x.shape, dtype=h_dtype or torch.promote_types(x.dtype, residual.dtype), device=x.device)
     normed = x if h is None else h
-    y = torch.empty_like(normed)
+    act_dtype = act_dtype or normed.dtype
+    y = torch.empty(x.shape, dtype=out_dtype or act_dtype, device=x.device)
     mean = None if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0 or width == 0:
@@ -360,8 +406,9 @@ def norm_forward(
         (triton.cdiv(rows, tiling["BLOCK_M"]),),
         x, residual, h, y, weight, bias, mean, rstd,
         x.stride(0), 0 if residual is None else residual.stride(0), 0 if h is None else h.stride(0), y.stride(0),
-        rows, width, eps,
+        rows, width, eps, offset,
         IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        CASTING=CASTING_MODES[casting_mode], ACT=_TL_DTYPES[act_dtype],
         **tiling,
     )
     return y, h, mean, rstd
@@ -387,6 +434,7 @@ def norm_backward(
     *,
     bias_dtype: torch.dtype | None,
     rms: bool,
+    offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``norm_forward`` from dy (M, N) and the saved x (h with a residual), mean, rstd.
 
@@ -418,7 +466,7 @@ def norm_backward(
         (programs,),
         x, weight, dy, dh, dx, dw, db, mean, rstd,
         x.stride(0), dy.stride(0), 0 if dh is None else dh.stride(0), dx.stride(0),
-        rows, width, rows_per_program,
+        rows, width, rows_per_program, offset,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None,
         **tiling,
     )

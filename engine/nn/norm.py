@@ -32,7 +32,27 @@ class LayerNorm(_FromTorch, torch.nn.LayerNorm):
 
 
 class RMSNorm(_FromTorch, torch.nn.RMSNorm):
-    """Drop-in ``torch.nn.RMSNorm`` running ``engine.ops.rms_norm`` (eps=None: the dtype's eps)."""
+    """Drop-in ``torch.nn.RMSNorm`` running ``engine.ops.rms_norm`` (eps=None: the dtype's eps).
+
+    Two keyword-only extras, as ``rms_norm``'s: ``offset`` (1.0 for Gemma's (1 + w) scaling; the
+    weight then starts at zeros, as Gemma's does) and ``casting_mode`` ("gemma", torch's numerics
+    and the default; "llama"; "none")."""
+
+    offset: float = 0.0
+    casting_mode: str = "gemma"
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, offset: float = 0.0, casting_mode: str = "gemma"):
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        self.offset, self.casting_mode = offset, casting_mode
+        if offset and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=self.offset,
+                            casting_mode=self.casting_mode)
+
+    def extra_repr(self) -> str:
+        extras = (f", offset={self.offset}" if self.offset else "") + (
+            f", casting_mode={self.casting_mode!r}" if self.casting_mode != "gemma" else "")
+        return super().extra_repr() + extras

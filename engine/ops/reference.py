@@ -104,3 +104,46 @@ def varlen_reference(
         outs.append(out[0].transpose(0, 1))  # (Sq_b, Hq, D)
         lses.append(lse[0])  # (Hq, Sq_b)
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def norm_reference(
+    h: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    rms: bool = False,
+    offset: float = 0.0,
+    casting_mode: str = "gemma",
+    act_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """LayerNorm (``rms=False``) or RMSNorm of ``h`` over its trailing ``normalized_shape``, with
+    the weight scaled by ``offset + weight`` and results rounded to ``act_dtype`` (default: h's)
+    where the casting mode says (engine.kernels.norm's docstring): statistics in fp32 (float64
+    for float64 input). y has ``act_dtype``, promoted with the weight's dtype in "llama" mode."""
+    act = act_dtype or h.dtype
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = h.to(compute)
+    if rms:
+        rstd = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        if casting_mode == "none":
+            rstd = rstd.to(act).to(compute)
+        xhat = x * rstd
+    else:
+        centered = x - x.mean(dims, keepdim=True)
+        xhat = centered * torch.rsqrt(centered.pow(2).mean(dims, keepdim=True) + eps)
+    if casting_mode == "llama":  # Llama's `weight * hidden_states.to(input_dtype)`
+        xhat = xhat.to(act)
+        return xhat if weight is None else xhat * (offset + weight)
+    if casting_mode == "none":
+        xhat = xhat.to(act).to(compute)
+    if weight is not None:
+        scale = weight.to(compute) + offset
+        if casting_mode == "none":
+            scale = (weight.to(act).to(compute) + offset).to(act).to(compute)
+        xhat = xhat * scale
+    if bias is not None:
+        xhat = xhat + bias.to(compute)
+    return xhat.to(act)

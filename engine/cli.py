@@ -101,13 +101,18 @@ def _cross_compile(args: argparse.Namespace) -> int:
 def _settings_help(config) -> str:
     import dataclasses
 
+    def line(name: str, value, field) -> str:
+        note = field.metadata.get("help")
+        return f"  {name}={value!r}" + (f"  ({note})" if note else "")
+
     lines = []
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
-            lines += [f"  {field.name}.{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value) if f.init]
+            lines += [line(f"{field.name}.{f.name}", getattr(value, f.name), f) for f in dataclasses.fields(value)
+                      if f.init]
         elif field.init:
-            lines.append(f"  {field.name}={value!r}")
+            lines.append(line(field.name, value, field))
     return "settings (key=value; defaults shown):\n" + "\n".join(lines)
 
 

@@ -38,7 +38,10 @@ class TrainConfig:
     batch_size: int = 16
     grad_accumulation: int = 1
     lr: float = 3e-4
-    weight_decay: float = 0.01
+    weight_decay: float = dataclasses.field(default=0.01, metadata={
+        "help": "decoupled weight decay, on matrices only (2+ dims): biases and norm weights never decay"})
+    decay_embeddings: bool = dataclasses.field(default=True, metadata={
+        "help": "whether embedding matrices decay too (nanoGPT's and Hugging Face's convention)"})
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float | None = 1.0
@@ -108,6 +111,19 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def optimizer_groups(model: torch.nn.Module, parameters: list[torch.nn.Parameter], weight_decay: float, *,
+                     decay_embeddings: bool = True) -> list[dict]:
+    """AdamW parameter groups: matrices (2 or more dims) decay by ``weight_decay``; vectors and
+    scalars (biases, norm weights) do not; embedding matrices decay when ``decay_embeddings``.
+    Empty groups are left out."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, keep = [], []
+    for p in parameters:
+        (decay if p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) else keep).append(p)
+    groups = ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0})
+    return [group for group in groups if group["params"]]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -226,6 +242,11 @@ class Checkpoints:
     def load(self, folder: Path, model, optimizer, scheduler, scaler, stream: BatchStream, device: torch.device) -> int:
         safetensors.torch.load_model(model, str(folder / "model.safetensors"), device=str(device))
         state = torch.load(folder / "state.pt", weights_only=True)
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):
+            raise RuntimeError(f"{folder}: its optimizer has {saved_groups} parameter group(s), this run "
+                               f"{len(optimizer.param_groups)}: it was written with other trainable parameters or "
+                               "weight-decay groups; resume it with the settings that wrote it, or use a new out_dir")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
@@ -315,7 +336,8 @@ def train(
     random.seed(config.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     plain = config.backend == "torch"  # the eager comparison: PyTorch's optimizer and clipping too
-    optimizer = (torch.optim.AdamW if plain else FusedAdamW)(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    groups = optimizer_groups(model, trainable, config.weight_decay, decay_embeddings=config.decay_embeddings)
+    optimizer = (torch.optim.AdamW if plain else FusedAdamW)(groups, lr=config.lr)
     clip = torch.nn.utils.clip_grad_norm_ if plain else clip_grad_norm_
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))

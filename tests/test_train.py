@@ -14,13 +14,31 @@ import torch
 
 from engine import data, lora, metrics
 from engine.models import BertConfig, BertForSequenceClassification
-from engine.train import BatchStream, TrainConfig, config_from_args, count_parameters, warmup_cosine
+from engine.train import BatchStream, TrainConfig, config_from_args, count_parameters, optimizer_groups, warmup_cosine
 
 
 def test_warmup_then_cosine():
     factor = warmup_cosine(10, 110, 0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.55) and factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_weight_decay_falls_on_matrices_only(decay_embeddings):
+    from engine.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig.named("tiny"))
+    params = list(model.parameters())
+    groups = optimizer_groups(model, params, 0.1, decay_embeddings=decay_embeddings)
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    for p in params:
+        name = names[id(p)]
+        embedding = "embed" in name or "wte" in name or "position" in name
+        expected = p.dim() >= 2 and (decay_embeddings or not embedding)
+        assert (id(p) in decayed) == expected, name
+    assert any("norm" in names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"])
 
 
 def test_batch_stream_is_seeded_and_resumable():

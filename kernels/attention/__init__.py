@@ -11,9 +11,10 @@ is ever written. ``common.py`` holds what both share: tile masks, scores, tiles,
 
 Masks: causal (top-left aligned as torch's SDPA, or bottom-right aligned for a KV cache), and a
 boolean (True = attend) or additive mask read tile by tile through strides, so broadcast
-dimensions (a (B, 1, 1, Sk) key-padding mask) cost no memory. Tiles a mask hides completely are
-skipped, as are key tiles past a causal diagonal and query or key blocks past their sequence's
-end. A row with every key masked gets zeros and zero gradients (its log-sum-exp is +inf).
+dimensions (a (B, 1, 1, Sk) key-padding mask) cost no memory. Key tiles past a causal diagonal,
+query or key blocks past their sequence's end, and the key tiles a mask shared by every query
+row hides before its first or after its last visible key are skipped (loop bounds, no branch in
+the inner loop). A row with every key masked gets zeros and zero gradients (log-sum-exp +inf).
 
 Scores run in base 2 (the softmax scale folded with log2(e)), except with an additive mask: then
 they stay in natural-log units, so the very negative finite values models write into masks

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from engine.kernels._launch import launch, launch_tiled, record_tiles, tile_counter
 from engine.kernels.attention.common import (
-    Layout, _any_visible, _dropout_keep, _keys_end, _load_tile, _probabilities, _scores, _sequence_bounds,
+    Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
     _sequences, _tile_mask, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
 )
 
@@ -63,7 +63,8 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bkv = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -95,34 +96,36 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         row_base = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
         mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
-        for start_m in range(begin, seqlen_q, BLOCK_M):
+        # a key padding mask that hides this whole key block leaves no query rows to visit
+        first, end = _live_keys(Mask, mask_offset, stride_mn, pid_n * BLOCK_N,
+                                tl.minimum(seqlen_k, (pid_n + 1) * BLOCK_N), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
+        for start_m in range(begin, tl.where(first < end, seqlen_q, begin), BLOCK_M):
             rows = start_m + rows_in_block
             visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
                                        causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
-            if _any_visible(visible, HAS_MASK):
-                row_mask = rows < seqlen_q
-                q_tokens = (q_start + rows).to(tl.int64)
-                qd_mask = row_mask[:, None] & dim_mask[None, :]
-                q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
-                do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
-                lse = tl.load(LSE + row_base + rows, mask=row_mask, other=float("inf"))
-                lse_lo = 0.0
-                if NATURAL:
-                    lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
-                delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
-                s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
-                p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                if HAS_DROPOUT:
-                    keep = _dropout_keep(seed + bh, q_start + rows, cols, max_seqlen_k, dropout_p)
-                    p_dropped = tl.where(keep, p * dropout_scale, 0.0)
-                    dp = tl.where(keep, dp * dropout_scale, 0.0)
-                else:
-                    p_dropped = p
-                dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
-                processed += 1
+            row_mask = rows < seqlen_q
+            q_tokens = (q_start + rows).to(tl.int64)
+            qd_mask = row_mask[:, None] & dim_mask[None, :]
+            q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
+            do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
+            lse = tl.load(LSE + row_base + rows, mask=row_mask, other=float("inf"))
+            lse_lo = 0.0
+            if NATURAL:
+                lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
+            delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
+            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+            p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed + bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+                p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            else:
+                p_dropped = p
+            dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+            processed += 1
     dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
     tl.store(DK + dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + dk_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -150,7 +153,8 @@ def _attn_bwd_dq_kernel(
     sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
     pid_m = tl.program_id(1)
@@ -162,6 +166,9 @@ def _attn_bwd_dq_kernel(
     if pid_m * BLOCK_M >= seqlen_q:  # past this sequence's end (packed batches)
         return
 
+    mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+    first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
+                                                                      IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
@@ -178,28 +185,26 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + row_offset, mask=row_mask, other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     processed = 0
-    for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):
+    for start_n in range(first // BLOCK_N * BLOCK_N, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
                                    causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
-        if _any_visible(visible, HAS_MASK):
-            kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-            k_tokens = (k_start + cols).to(tl.int64)
-            k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
-            v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
-            p = _probabilities(s, lse, lse_lo, NATURAL)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-            processed += 1
+        kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+        k_tokens = (k_start + cols).to(tl.int64)
+        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+        s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+        p = _probabilities(s, lse, lse_lo, NATURAL)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        processed += 1
     dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
     if COUNT_TILES:

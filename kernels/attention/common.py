@@ -44,13 +44,31 @@ def _tile_mask(
 
 
 @triton.jit
-def _any_visible(visible, HAS_MASK: tl.constexpr):
-    """Whether a tile has anything to compute. Causal and range limits are loop bounds already;
-    only a mask can hide a whole tile, so only then is this a runtime test."""
-    if HAS_MASK:
-        return tl.max(tl.max(visible.to(tl.int32), axis=1), axis=0) > 0
-    else:
-        return True
+def _live_keys(
+    Mask, mask_offset, stride_mn,  # as for _tile_mask
+    col_start, col_end,  # the keys to look at: [col_start, col_end)
+    SKIP_HIDDEN: tl.constexpr, MASK_IS_BOOL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(first, end): the keys in [col_start, col_end) from the first to the last that a mask every
+    query row shares (a key padding mask) leaves visible, so loops skip the tiles it hides at
+    either end (first >= end when it hides them all). [col_start, col_end) without SKIP_HIDDEN."""
+    first = col_start
+    end = col_end
+    if SKIP_HIDDEN:
+        first = col_end
+        end = col_start
+        for start in range(col_start, col_end, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            in_range = cols < col_end
+            if MASK_IS_BOOL:
+                m = tl.load(Mask + mask_offset + cols * stride_mn, mask=in_range, other=0)
+                live = in_range & (m != 0)
+            else:
+                m = tl.load(Mask + mask_offset + cols * stride_mn, mask=in_range, other=float("-inf"))
+                live = in_range & (m.to(tl.float32) != float("-inf"))
+            first = tl.minimum(first, tl.min(tl.where(live, cols, col_end), axis=0))
+            end = tl.maximum(end, tl.max(tl.where(live, cols + 1, col_start), axis=0))
+    return first, end
 
 
 @triton.jit
@@ -310,6 +328,7 @@ def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dro
     return dict(
         IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
+        SKIP_HIDDEN=mask is not None and mask.stride(-2) == 0,  # a key padding mask: hidden tiles skipped
         IS_VARLEN=layout.varlen, DOT_PRECISION=dot_precision(dtype),
     )
 

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from engine.kernels._launch import launch_tiled, record_tiles, tile_counter
 from engine.kernels.attention.common import (
-    LN2, Layout, _any_visible, _dropout_keep, _exp, _keys_end, _load_tile, _scores, _sequences, _tile_mask, check,
+    LN2, Layout, _dropout_keep, _exp, _keys_end, _live_keys, _load_tile, _scores, _sequences, _tile_mask, check,
     dropout_scale, flags, mask_args, tiles, unit_last_stride,
 )
 
@@ -35,7 +35,8 @@ def _attn_fwd_kernel(
     sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
     pid_m = tl.program_id(1)
@@ -62,27 +63,28 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     processed = 0
-    for start_n in range(0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M, IS_CAUSAL), BLOCK_N):
+    first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
+                                                                      IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
+    for start_n in range(first // BLOCK_N * BLOCK_N, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
                                    causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
-        if _any_visible(visible, HAS_MASK):
-            kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-            k_tokens = (k_start + cols).to(tl.int64)
-            k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
-            v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = _exp(s - m_safe[:, None], NATURAL)
-            alpha = _exp(m_i - m_safe, NATURAL)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
-                p = tl.where(keep, p * dropout_scale, 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-            processed += 1
+        kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+        k_tokens = (k_start + cols).to(tl.int64)
+        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+        s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = _exp(s - m_safe[:, None], NATURAL)
+        alpha = _exp(m_i - m_safe, NATURAL)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        processed += 1
 
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -1,7 +1,7 @@
 """The work the attention kernels do, counted exactly: key tiles processed by the forward, dK/dV and
 dQ kernels (engine.kernels.count_tiles). Causal attention does about half the work of full
-attention, packed batches work in proportion to their real lengths, and tiles a mask hides are
-skipped. The expected counts follow from the tile sizes the launcher uses."""
+attention, packed batches work in proportion to their real lengths, and the tiles a key padding
+mask hides at either end are skipped. The expected counts follow from the launcher's tiles."""
 
 import math
 
@@ -22,13 +22,14 @@ def _blocks(backward: bool) -> tuple[int, int]:
     return tile["BLOCK_M"], tile["BLOCK_N"]
 
 
-def _pairs(seqlen_q: int, seqlen_k: int, backward: bool, causal: bool = False) -> dict[str, int]:
-    """Tiles per (batch, query head) for one sequence: (query block, key block) pairs with work."""
+def _pairs(seqlen_q: int, seqlen_k: int, backward: bool, causal: bool = False, first: int = 0) -> int:
+    """Tiles per (batch, query head) for one sequence whose visible keys run from ``first`` to
+    ``seqlen_k``: the (query block, key block) pairs with work."""
     block_m, block_n = _blocks(backward)
     counted = 0
     for m in range(math.ceil(seqlen_q / block_m)):
         keys = seqlen_k if not causal else min(seqlen_k, (m + 1) * block_m)  # top-left: key j <= query i
-        counted += math.ceil(keys / block_n)
+        counted += max(0, math.ceil(keys / block_n) - first // block_n)
     return counted
 
 
@@ -38,9 +39,10 @@ def _counted(fn, *tensors) -> dict[str, int]:
     return dict(counted)
 
 
-def _expected(lengths: list[tuple[int, int]], heads: int, causal: bool = False) -> dict[str, int]:
-    forward = heads * sum(_pairs(q, k, False, causal) for q, k in lengths)
-    backward = heads * sum(_pairs(q, k, True, causal) for q, k in lengths)
+def _expected(lengths: list[tuple[int, ...]], heads: int, causal: bool = False) -> dict[str, int]:
+    """Per kernel, the tiles for sequences of (Sq, Sk[, first visible key]) with ``heads`` heads."""
+    forward = heads * sum(_pairs(*sizes[:2], False, causal, *sizes[2:]) for sizes in lengths)
+    backward = heads * sum(_pairs(*sizes[:2], True, causal, *sizes[2:]) for sizes in lengths)
     return {"attention_fwd": forward, "attention_bwd_dkdv": backward, "attention_bwd_dq": backward}
 
 
@@ -64,7 +66,7 @@ def test_packed_batches_work_in_proportion_to_their_real_lengths(lengths):
     assert counted == _expected([(n, n) for n in lengths], heads=2)
 
 
-def test_tiles_a_mask_hides_are_skipped():
+def test_tiles_a_key_padding_mask_hides_are_skipped():
     q, k, v = attention_inputs((2, 2, 2, 128, 256, HEAD_DIM), torch.float16)
     padding = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=q.device)
     padding[1, ..., 100:] = False  # the second sequence has 100 real keys
@@ -79,10 +81,26 @@ def test_tiles_a_mask_hides_are_skipped():
     assert _counted(lambda q, k, v: flash_attention(q, k, v, attn_mask=additive), q, k, v) == \
         _expected([(128, 256)] * 2, heads=2)
 
-    hidden = torch.zeros(128, 256, dtype=torch.bool, device=q.device)
+    hidden = torch.zeros(2, 1, 1, 256, dtype=torch.bool, device=q.device)
     with triton_launches() as launches, count_tiles() as counted:
         (out,), grads, _ = forward_backward(lambda q, k, v: flash_attention(q, k, v, attn_mask=hidden), q, k, v)
     assert launches["attention_fwd"] == launches["attention_bwd_dq"] == 1 and counted.total() == 0
+    assert not out.any() and not any(g.any() for g in grads)
+
+    left_padded = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=q.device)
+    left_padded[1, ..., :130] = False  # padding before the real keys, as in batched generation
+    assert _counted(lambda q, k, v: flash_attention(q, k, v, attn_mask=left_padded), q, k, v) == \
+        _expected([(128, 256), (128, 256, 130)], heads=2)
+
+
+def test_masks_that_differ_per_query_row_are_computed_tile_by_tile():
+    """Only masks every query row shares are skipped ahead of time; a (Sq, Sk) mask is applied
+    within each tile, and its results stay exact."""
+    q, k, v = attention_inputs((1, 2, 2, 128, 256, HEAD_DIM), torch.float16)
+    hidden = torch.zeros(128, 256, dtype=torch.bool, device=q.device)
+    with triton_launches(), count_tiles() as counted:
+        (out,), grads, _ = forward_backward(lambda q, k, v: flash_attention(q, k, v, attn_mask=hidden), q, k, v)
+    assert counted == _expected([(128, 256)], heads=2)
     assert not out.any() and not any(g.any() for g in grads)
 
 

@@ -133,21 +133,21 @@ def _differentiable_backward(ctx, dy, dh, normed, weight) -> tuple:
     return dx, dweight, dbias
 
 
-def _rows(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
-    """(*, width) view with unit column stride; copies only when no such view exists."""
+def _rows(t: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | None:
+    """(rows, width) view with unit column stride; copies only when no such view exists."""
     if t is None:
         return None
-    rows = t.reshape(-1, width)  # (M, N)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    matrix = t.reshape(rows, width)  # (M, N); explicit sizes: either may be 0
+    return matrix if matrix.stride(-1) == 1 else matrix.contiguous()
 
 
 def _fused_norm(input, residual, shape, weight, bias, eps, rms, *, offset=0.0, casting_mode="gemma", h_dtype=None,
                 act_dtype=None, out_dtype=None):
-    width = math.prod(shape)
+    width, rows = math.prod(shape), math.prod(input.shape[:input.dim() - len(shape)])
     weight = None if weight is None else weight.reshape(width)
     bias = None if bias is None else bias.reshape(width)
     options = dict(offset=offset, casting_mode=casting_mode, h_dtype=h_dtype, act_dtype=act_dtype, out_dtype=out_dtype)
-    out = _NormFunction.apply(_rows(input, width), _rows(residual, width), weight, bias, eps, rms, options)
+    out = _NormFunction.apply(_rows(input, rows, width), _rows(residual, rows, width), weight, bias, eps, rms, options)
     if residual is None:
         return out.view(input.shape)
     y, h = out

@@ -119,6 +119,31 @@ def test_residual_in_fp32_keeps_the_stream_in_fp32_and_the_output_in_the_input_d
     assert torch.equal(h_torch, h) and y_torch.dtype == dtype
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 16), (2, 0, 5)], ids=["no-columns", "no-rows", "zero-middle"])
+def test_empty_inputs_give_torchs_result(shape, backend):
+    x = torch.randn(shape, device=KERNEL_DEVICE)
+    width = shape[-1]
+    weight, bias = torch.randn(width, device=KERNEL_DEVICE), torch.randn(width, device=KERNEL_DEVICE)
+    calls = {
+        "layer_norm": (lambda x, w, b: layer_norm(x, (width,), w, b), lambda x, w, b: F.layer_norm(x, (width,), w, b)),
+        "rms_norm": (lambda x, w, b: rms_norm(x, (width,), w), lambda x, w, b: F.rms_norm(x, (width,), w)),
+        "add_norm": (lambda x, w, b: add_norm(x, x, width, w, b)[0], lambda x, w, b: F.layer_norm(x + x, (width,), w, b)),
+    }
+    for name, (ours, theirs) in calls.items():
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        expected_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with engine.use_backend(backend):
+            out = ours(*leaves)
+            out.sum().backward()
+        expected = theirs(*expected_leaves)
+        expected.sum().backward()
+        assert out.shape == expected.shape, name
+        for got, want in zip(leaves, expected_leaves):
+            if want.grad is not None:
+                assert torch.equal(got.grad, want.grad), name
+
+
 # --- double backward (gradient penalties) ------------------------------------------------------
 
 def _penalty(fn, *tensors):

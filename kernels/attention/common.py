@@ -25,8 +25,8 @@ def _tile_mask(
     seqlen_q, seqlen_k, causal_offset,  # key j is visible to query i when j <= i + causal_offset
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
 ):
-    """(visible, bias): (BLOCK_M, BLOCK_N) booleans, True where query i may see key j, and the
-    additive mask's fp32 values (0.0 without one; its -inf entries are not visible)."""
+    """(visible, bias): (BLOCK_M, BLOCK_N) booleans, True where query i may see key j (in range,
+    causal, boolean mask), and the additive mask's fp32 values (0.0 without one)."""
     in_range = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
     visible = in_range
     if IS_CAUSAL:
@@ -38,8 +38,7 @@ def _tile_mask(
         if MASK_IS_BOOL:
             visible = visible & (m != 0)
         else:
-            bias = m.to(tl.float32)
-            visible = visible & (bias != float("-inf"))
+            bias = m.to(tl.float32)  # its -inf entries make the score -inf by themselves
     return visible, bias
 
 

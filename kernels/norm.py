@@ -69,8 +69,8 @@ def _normalize_store_tile(
     x, mean, rstd,  # (BLOCK_M, BLOCK_N) fp32 tile, (BLOCK_M,) fp32 statistics
     rows, cols, mask, col_mask,
     stride_y,
-    offset,  # added to the weight (RMSNorm: 1.0 for Gemma's (1 + w) scaling)
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OFFSET: tl.constexpr,  # added to the weight (RMSNorm: 1.0 for Gemma's (1 + w) scaling)
     CASTING: tl.constexpr, ACT: tl.constexpr,  # 0 gemma, 1 llama, 2 none; the activation dtype
 ):
     if IS_RMS:
@@ -85,9 +85,9 @@ def _normalize_store_tile(
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         if CASTING == 2:
-            w = _round(_round(w, ACT) + offset, ACT)
-        else:
-            w = w + offset
+            w = _round(_round(w, ACT) + OFFSET, ACT)
+        elif OFFSET != 0.0:
+            w = w + OFFSET
         y = y * w[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -107,8 +107,8 @@ def _norm_fwd_kernel(
     stride_x, stride_r, stride_h, stride_y,  # row strides
     M, N,  # rows, row width
     eps,  # added to the variance (mean square) inside the square root
-    offset,  # added to the weight (RMSNorm)
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OFFSET: tl.constexpr,  # added to the weight (RMSNorm)
     CASTING: tl.constexpr, ACT: tl.constexpr,  # RMSNorm casting mode (0 gemma, 1 llama, 2 none), its dtype
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
@@ -128,8 +128,8 @@ def _norm_fwd_kernel(
             centered = tl.where(mask, x - mean[:, None], 0.0)
             square_sum = tl.sum(centered * centered, axis=1)
         rstd = 1.0 / tl.sqrt(square_sum / N + eps)
-        _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y, offset,
-                              IS_RMS, HAS_WEIGHT, HAS_BIAS, CASTING, ACT)
+        _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
+                              IS_RMS, HAS_WEIGHT, HAS_BIAS, OFFSET, CASTING, ACT)
     else:
         # Pass 1: merge per-block moments; all blocks but the last hold BLOCK_N columns.
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,8 +158,8 @@ def _norm_fwd_kernel(
                 x = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y, offset,
-                                  IS_RMS, HAS_WEIGHT, HAS_BIAS, CASTING, ACT)
+            _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
+                                  IS_RMS, HAS_WEIGHT, HAS_BIAS, OFFSET, CASTING, ACT)
     if not IS_RMS:
         tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
@@ -173,8 +173,8 @@ def _load_grad_tile(
     mean, rstd,  # (BLOCK_M,) fp32 statistics
     rows, cols, mask, col_mask,
     stride_x, stride_dy,
-    offset,  # added to the weight (RMSNorm)
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    OFFSET: tl.constexpr,  # added to the weight (RMSNorm)
 ):
     """Return xhat, dy and (offset + w) * dy for one tile, fp32, zero outside ``mask``."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -184,7 +184,10 @@ def _load_grad_tile(
     else:
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     if HAS_WEIGHT:
-        wdy = dy * (tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset)[None, :]
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if OFFSET != 0.0:
+            w = w + OFFSET
+        wdy = dy * w[None, :]
     else:
         wdy = dy
     return xhat, dy, wdy
@@ -222,8 +225,8 @@ def _norm_bwd_kernel(
     stride_x, stride_dy, stride_dh, stride_dx,  # row strides
     M, N,  # rows, row width
     rows_per_program,  # rows [pid * rows_per_program, +rows_per_program) belong to this program
-    offset,  # added to the weight (RMSNorm)
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr,
+    OFFSET: tl.constexpr,  # added to the weight (RMSNorm)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -245,7 +248,7 @@ def _norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
             xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
-                                            stride_x, stride_dy, offset, IS_RMS, HAS_WEIGHT)
+                                            stride_x, stride_dy, IS_RMS, HAS_WEIGHT, OFFSET)
             c1 = tl.sum(xhat * wdy, axis=1) / N
             c2 = tl.sum(wdy, axis=1) / N
             _store_dx_tile(DX, DH, xhat, wdy, c1, c2, rstd, rows, cols, mask, stride_dh, stride_dx,
@@ -273,7 +276,7 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
-                                                stride_x, stride_dy, offset, IS_RMS, HAS_WEIGHT)
+                                                stride_x, stride_dy, IS_RMS, HAS_WEIGHT, OFFSET)
                 c1 += tl.sum(xhat * wdy, axis=1)
                 c2 += tl.sum(wdy, axis=1)
             c1 = c1 / N
@@ -284,7 +287,7 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 xhat, dy, wdy = _load_grad_tile(X, W, DY, mean, rstd, rows, cols, mask, col_mask,
-                                                stride_x, stride_dy, offset, IS_RMS, HAS_WEIGHT)
+                                                stride_x, stride_dy, IS_RMS, HAS_WEIGHT, OFFSET)
                 _store_dx_tile(DX, DH, xhat, wdy, c1, c2, rstd, rows, cols, mask, stride_dh, stride_dx,
                                IS_RMS, HAS_DH)
                 if HAS_WEIGHT:
@@ -406,9 +409,9 @@ def norm_forward(
         (triton.cdiv(rows, tiling["BLOCK_M"]),),
         x, residual, h, y, weight, bias, mean, rstd,
         x.stride(0), 0 if residual is None else residual.stride(0), 0 if h is None else h.stride(0), y.stride(0),
-        rows, width, eps, offset,
+        rows, width, eps,
         IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        CASTING=CASTING_MODES[casting_mode], ACT=_TL_DTYPES[act_dtype],
+        OFFSET=float(offset), CASTING=CASTING_MODES[casting_mode], ACT=_TL_DTYPES[act_dtype],
         **tiling,
     )
     return y, h, mean, rstd
@@ -466,8 +469,8 @@ def norm_backward(
         (programs,),
         x, weight, dy, dh, dx, dw, db, mean, rstd,
         x.stride(0), dy.stride(0), 0 if dh is None else dh.stride(0), dx.stride(0),
-        rows, width, rows_per_program, offset,
-        IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None,
+        rows, width, rows_per_program,
+        IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None, OFFSET=float(offset),
         **tiling,
     )
     dweight = None if dw is None else _column_sum(f"{name}_bwd_dweight", dw, weight.dtype)

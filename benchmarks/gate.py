@@ -5,7 +5,8 @@ stored in benchmarks/baselines/<device class>.json.
   kernel launches per training step (counted at the launchers and extension calls), optimizer
   state bytes and parameter counts, for small GPT and BERT models with the engine's kernels forced
   (through Triton's interpreter on CPU); and the attention tiles processed (forward + backward)
-  for full, causal, key-padded and packed batches.
+  for full, causal, key-padded and packed batches (these depend on the tile sizes, which is one
+  more reason each device class keeps its own baseline).
 - Speed ratios to eager are measured side by side in one benchmark run and must stay above a floor
   per device class (loose on shared CPUs, tight on GPUs).
 """

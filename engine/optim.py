@@ -202,7 +202,9 @@ class _AmpScalars:
 
     def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if device not in self._moved:
-            self._moved[device] = tuple(None if t is None else t.to(device, torch.float32, non_blocking=True)
+            # non-blocking only towards a GPU: the CPU twin reads the flag as soon as it has it
+            self._moved[device] = tuple(None if t is None else t.to(device, torch.float32,
+                                                                    non_blocking=device.type != "cpu")
                                         for t in (self.grad_scale, self.found_inf))
         return self._moved[device]
 

@@ -242,11 +242,12 @@ class Checkpoints:
     def load(self, folder: Path, model, optimizer, scheduler, scaler, stream: BatchStream, device: torch.device) -> int:
         safetensors.torch.load_model(model, str(folder / "model.safetensors"), device=str(device))
         state = torch.load(folder / "state.pt", weights_only=True)
-        saved_groups = len(state["optimizer"]["param_groups"])
-        if saved_groups != len(optimizer.param_groups):
-            raise RuntimeError(f"{folder}: its optimizer has {saved_groups} parameter group(s), this run "
-                               f"{len(optimizer.param_groups)}: it was written with other trainable parameters or "
-                               "weight-decay groups; resume it with the settings that wrote it, or use a new out_dir")
+        saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        groups = [len(group["params"]) for group in optimizer.param_groups]
+        if saved_groups != groups:
+            raise RuntimeError(f"{folder}: its optimizer groups hold {saved_groups} parameters, this run's {groups}: "
+                               "it was written with other trainable parameters or weight-decay groups; resume it "
+                               "with the settings that wrote it, or use a new out_dir")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:

@@ -36,7 +36,9 @@ _counting_tiles = False
 @contextlib.contextmanager
 def count_tiles() -> Iterator[Counter[str]]:
     """Counter of the key tiles (BLOCK_M x BLOCK_N blocks of scores) each attention kernel
-    processed inside the block, by launch name: the work done, exact and device-independent.
+    processed inside the block, by launch name: the work done, exactly. The counts depend on the
+    inputs and the tile sizes only (one fixed tile under the interpreter; on a GPU the first of
+    its tile list that fits, ``LAST_TILE``), not on the machine's speed or load.
 
     Kernels launched while counting are compiled with one atomic add per program and read back
     with a host synchronisation per launch: a debugging and testing aid. Outside the block the
@@ -63,6 +65,8 @@ def record_tiles(name: str, counter: torch.Tensor | None) -> None:
 
 # (launch name, device, compile-time arguments, tensor dtypes, tiles) -> index of the first tile that fits
 FITTING_TILE: dict[tuple, int] = {}
+# launch name -> the tile of its latest launch (what tile counts are measured in)
+LAST_TILE: dict[str, dict] = {}
 
 
 def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tuple[int, ...]], *args, **meta) -> None:
@@ -83,6 +87,7 @@ def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tu
                 raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error
             continue
         FITTING_TILE[key] = index
+        LAST_TILE[name] = tiles[index]
         return
 
 

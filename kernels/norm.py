@@ -86,6 +86,8 @@ def _normalize_store_tile(
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         if CASTING == 2:
             w = _round(_round(w, ACT) + OFFSET, ACT)
+        elif CASTING == 1 and OFFSET != 0.0:
+            w = _round(w + OFFSET, W.dtype.element_ty)  # Llama's offset + weight, in the weight's dtype
         elif OFFSET != 0.0:
             w = w + OFFSET
         y = y * w[None, :]

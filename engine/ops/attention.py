@@ -70,22 +70,39 @@ def _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_
     """dq, dk, dv as torch ops of the saved inputs (connected to the graph under create_graph):
     the eager reference recomputes the forward, with the kernel's own dropout mask."""
     o = ctx.options
-    keep = None
-    if o["dropout_p"] > 0:
-        batch, rows = (q.shape[0], q.shape[2]) if cu_seqlens_q is None else (cu_seqlens_q.numel() - 1, q.shape[0])
-        heads = q.shape[1]
-        keep = backend.kernels().dropout_keep_mask(o["seed"], batch, heads, rows, o["max_seqlen_k"] or k.shape[2],
-                                                   o["dropout_p"], q.device)
-    needed = ctx.needs_input_grad[:3]
+    # one view per argument, so that q, k and v given as one tensor get their own gradients
+    q, k, v = (t.view_as(t) for t in (q, k, v))
     if cu_seqlens_q is None:
+        keep = None
+        if o["dropout_p"] > 0:
+            keep = backend.kernels().dropout_keep_mask(o["seed"], q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                                                       o["dropout_p"], q.device)
         out, _ = attention_reference(q, k, v, causal=o["causal"], attn_mask=mask, scale=o["scale"],
                                      dropout_keep=keep, dropout_p=o["dropout_p"])
     else:
+        keep = None
+        if o["dropout_p"] > 0:
+            keep = _varlen_keep_masks(o["seed"], q.shape[1], cu_seqlens_q, cu_seqlens_k, o["max_seqlen_k"],
+                                      o["dropout_p"], q.device)
         out, _ = varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=o["causal"], scale=o["scale"],
                                   dropout_p=o["dropout_p"], dropout_keep=keep)
+    needed = ctx.needs_input_grad[:3]
     inputs = [t for t, need in zip((q, k, v), needed) if need]
     grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
     return [next(grads) if need else None for need in needed]
+
+
+def _varlen_keep_masks(seed: int, heads: int, cu_seqlens_q, cu_seqlens_k, max_seqlen_k: int, dropout_p: float,
+                       device) -> list[torch.Tensor]:
+    """Per sequence b, the (1, Hq, Sq_b, Sk_b) keep mask the packed kernel applied: seeds
+    seed + b * Hq + head, rows numbered by packed token, max_seqlen_k keys per row."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    masks = []
+    for b in range(len(starts_q) - 1):
+        rows = backend.kernels().dropout_keep_mask(seed + b * heads, 1, heads, starts_q[b + 1], max_seqlen_k,
+                                                   dropout_p, device)
+        masks.append(rows[:, :, starts_q[b]:, :starts_k[b + 1] - starts_k[b]])
+    return masks
 
 
 def _is_plain(t: torch.Tensor) -> bool:

@@ -116,6 +116,7 @@ class _NormFunction(torch.autograd.Function):
 def _differentiable_backward(ctx, dy, dh, normed, weight) -> tuple:
     """(dnormed, dweight, dbias) as torch ops of the saved tensors, through the eager reference."""
     options = ctx.options
+    normed = normed.view_as(normed)  # its own node, should the weight be the same tensor
     need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
     inputs = [t for t, need in ((normed, need_x), (weight, ctx.needs_input_grad[2])) if need]
     grads = [None, None]
@@ -230,7 +231,7 @@ def add_norm(
         h_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
         act_dtype = h_dtype
     if eps is None:
-        eps = torch.finfo(act_dtype).eps if rms else 1e-5
+        eps = torch.finfo(h_dtype).eps if rms else 1e-5
     out_dtype = _out_dtype(act_dtype, weight, casting_mode)
     if _choose(op, input, residual, weight, bias) == "torch":
         h = input.to(h_dtype) if residual is None else input.to(h_dtype) + residual.to(h_dtype)

@@ -27,8 +27,9 @@ def attention_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
 
-    query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. Rows that see no key get
-    probabilities 0 and a finite lse (so gradients stay finite)."""
+    query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. An additive mask is added
+    in the wider of its dtype and the scores' (an fp32 finfo.min stays finite beside fp16 scores).
+    Rows that see no key get probabilities 0 and lse +inf, with finite gradients."""
     key = key.repeat_interleave(query.shape[-3] // max(key.shape[-3], 1), -3)  # (B, Hq, Sk, D)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
@@ -36,7 +37,7 @@ def attention_probs(
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.to(scores.dtype)
+            scores = scores.to(torch.promote_types(scores.dtype, attn_mask.dtype)) + attn_mask
     if causal is not None:
         visible = causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -44,7 +45,7 @@ def attention_probs(
     scores = scores.masked_fill(empty, 0.0)
     # softmax, not exp(scores - lse): lse rounds away log(sum) when a finite mask value such as
     # torch.finfo(dtype).min dominates a row
-    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0).to(query.dtype)
     return probs, torch.logsumexp(scores, dim=-1, keepdim=True).masked_fill(empty, float("inf"))
 
 
@@ -82,13 +83,13 @@ def varlen_reference(
     causal: str | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    dropout_keep: torch.Tensor | None = None,
+    dropout_keep: list[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_reference`` over packed sequences, one sequence at a time: query (total_q, Hq, D),
     key/value (total_k, Hkv, D) -> (out (total_q, Hq, D), lse (Hq, total_q)). Dropout keeps
-    ``dropout_keep[b, :, q_start:q_end, :len_k]`` (B, Hq, total_q, max_len_k) when given, else
-    draws from ``generator``."""
+    ``dropout_keep[b]`` ((1, Hq, Sq_b, Sk_b) per sequence) when given, else draws from
+    ``generator``."""
     outs, lses = [], []
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(starts_q) - 1):
@@ -97,7 +98,7 @@ def varlen_reference(
         v = value[starts_k[b]:starts_k[b + 1]].transpose(0, 1).unsqueeze(0)
         keep = None
         if dropout_keep is not None:
-            keep = dropout_keep[b:b + 1, :, starts_q[b]:starts_q[b + 1], :k.shape[2]]
+            keep = dropout_keep[b]
         elif dropout_p > 0:
             keep = torch.rand((1, q.shape[1], q.shape[2], k.shape[2]), generator=generator).to(q.device) >= dropout_p
         out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p)

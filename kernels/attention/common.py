@@ -184,7 +184,7 @@ def _dropout_mask_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed + pid_bh, rows, cols, seqlen_k, dropout_p)
-        offsets = pid_bh.to(tl.int64) * seqlen_q * seqlen_k + rows[:, None] * seqlen_k + cols[None, :]
+        offsets = (pid_bh.to(tl.int64) * seqlen_q + rows.to(tl.int64)[:, None]) * seqlen_k + cols[None, :]
         tl.store(Keep + offsets, keep, mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
 
@@ -327,7 +327,8 @@ def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dro
     return dict(
         IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
-        SKIP_HIDDEN=mask is not None and mask.stride(-2) == 0,  # a key padding mask: hidden tiles skipped
+        # a mask every query row shares (key padding; any mask when Sq = 1): hidden key tiles skipped
+        SKIP_HIDDEN=mask is not None and (mask.stride(-2) == 0 or mask.shape[-2] == 1),
         IS_VARLEN=layout.varlen, DOT_PRECISION=dot_precision(dtype),
     )
 

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.kernels import count_tiles
-from engine.kernels.attention.common import tiles as tile_list
+from engine.kernels import _launch, count_tiles
 from engine.ops import flash_attention, flash_attn_varlen
 from engine.testing import attention_inputs, forward_backward, kernel_device, triton_launches
 
@@ -17,15 +16,12 @@ KERNEL_DEVICE = kernel_device()
 HEAD_DIM = 32
 
 
-def _blocks(backward: bool) -> tuple[int, int]:
-    tile = tile_list(HEAD_DIM, torch.float16, backward=backward)[0]
-    return tile["BLOCK_M"], tile["BLOCK_N"]
-
-
-def _pairs(seqlen_q: int, seqlen_k: int, backward: bool, causal: bool = False, first: int = 0) -> int:
+def _pairs(seqlen_q: int, seqlen_k: int, kernel: str, causal: bool = False, first: int = 0) -> int:
     """Tiles per (batch, query head) for one sequence whose visible keys run from ``first`` to
-    ``seqlen_k``: the (query block, key block) pairs with work."""
-    block_m, block_n = _blocks(backward)
+    ``seqlen_k``: the (query block, key block) pairs with work, in the tile of ``kernel``'s
+    latest launch (the one the counts were made with)."""
+    tile = _launch.LAST_TILE[kernel]
+    block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
     counted = 0
     for m in range(math.ceil(seqlen_q / block_m)):
         keys = seqlen_k if not causal else min(seqlen_k, (m + 1) * block_m)  # top-left: key j <= query i
@@ -41,9 +37,9 @@ def _counted(fn, *tensors) -> dict[str, int]:
 
 def _expected(lengths: list[tuple[int, ...]], heads: int, causal: bool = False) -> dict[str, int]:
     """Per kernel, the tiles for sequences of (Sq, Sk[, first visible key]) with ``heads`` heads."""
-    forward = heads * sum(_pairs(*sizes[:2], False, causal, *sizes[2:]) for sizes in lengths)
-    backward = heads * sum(_pairs(*sizes[:2], True, causal, *sizes[2:]) for sizes in lengths)
-    return {"attention_fwd": forward, "attention_bwd_dkdv": backward, "attention_bwd_dq": backward}
+    kernels = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+    return {kernel: heads * sum(_pairs(*sizes[:2], kernel, causal, *sizes[2:]) for sizes in lengths)
+            for kernel in kernels}
 
 
 def test_causal_processes_about_half_the_tiles_of_full_attention():

@@ -161,18 +161,31 @@ def test_finfo_min_masks_give_torchs_answer(dtype):
     launches = check_against_torch(lambda q, k, v: flash_attention(q, k, v, attn_mask=mask),
                                    lambda q, k, v: attention_reference(q, k, v, attn_mask=mask)[0], q, k, v, names=NAMES)
     assert launches == KERNEL_RUN
+    with triton_launches():
+        out = flash_attention(q, k, v, attn_mask=mask)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     if dtype == torch.float32:  # fp32's min swamps every score: the row's softmax is uniform
-        with triton_launches():
-            out = flash_attention(q, k, v, attn_mask=mask)
         assert_close(out[1, :, 5], v[1].mean(1))
-        assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_an_fp32_finfo_min_mask_beside_fp16_inputs(backend):
+    """Added in the wider dtype, as torch does: the fp32 minimum does not become -inf in fp16."""
+    q, k, v = attention_inputs((1, 2, 2, 16, 32, 16), torch.float16)
+    mask = torch.zeros(1, 1, 16, 32, device=q.device)
+    mask[..., 3, :] = torch.finfo(torch.float32).min
+    mask[..., 5, 20:] = torch.finfo(torch.float32).min
+    with engine.use_backend(backend):
+        out = flash_attention(q, k, v, attn_mask=mask)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert_close(out[0, :, 3], v[0].float().mean(1).half())
 
 
 # --- double backward (gradient penalties) ------------------------------------------------------
 
-def _gradient_penalty(fn, q, k, v):
+def _gradient_penalty(fn, *tensors):
     """First-order gradients with create_graph=True, then the gradients of their squared sum."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
     grads = torch.autograd.grad((out * weights).sum(), leaves, create_graph=True)
@@ -182,13 +195,25 @@ def _gradient_penalty(fn, q, k, v):
 
 def _double_backward_case(case):
     """(engine function, reference function, inputs) for one case."""
-    if case == "varlen":
+    if case.startswith("varlen"):
         lens = [5, 37, 20]
         generator = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(sum(lens), 2, 32, generator=generator).to(KERNEL_DEVICE) for _ in range(3))
         cu = torch.tensor([0, 5, 42, 62], dtype=torch.int32, device=KERNEL_DEVICE)
-        return (lambda q, k, v: flash_attn_varlen(q, k, v, cu, cu, 37, 37, causal=True),
-                lambda q, k, v: varlen_reference(q, k, v, cu, cu, causal="top_left")[0], (q, k, v))
+        p = 0.2 if case == "varlen-dropout" else 0.0
+        seed = dropout_seed(torch.Generator().manual_seed(9))
+        keep = [dropout_keep_mask(seed + b * 2, 1, 2, end, 37, p, q.device)[:, :, start:, :end - start]
+                for b, (start, end) in enumerate(zip(cu.tolist(), cu.tolist()[1:]))] if p else None
+        return (lambda q, k, v: flash_attn_varlen(q, k, v, cu, cu, 37, 37, causal=True, dropout_p=p,
+                                                  generator=torch.Generator().manual_seed(9)),
+                lambda q, k, v: varlen_reference(q, k, v, cu, cu, causal="top_left", dropout_p=p,
+                                                 dropout_keep=keep)[0], (q, k, v))
+    if case in ("self-attention", "shared-key-value"):  # one tensor for several arguments
+        x, y, _ = attention_inputs((2, 2, 2, 37, 37, 32), torch.float32)
+        if case == "self-attention":
+            return lambda x: flash_attention(x, x, x), lambda x: attention_reference(x, x, x)[0], (x,)
+        return (lambda q, kv: flash_attention(q, kv, kv, causal=True),
+                lambda q, kv: attention_reference(q, kv, kv, causal="top_left")[0], (x, y))
     q, k, v = attention_inputs((2, 4, 2, 37, 50, 32), torch.float32)
     mask = {"bool-mask": torch.rand(37, 50, generator=torch.Generator().manual_seed(1)).to(q.device) > 0.4,
             "additive-mask": torch.randn(2, 1, 37, 50, generator=torch.Generator().manual_seed(1)).to(q.device)}
@@ -204,7 +229,8 @@ def _double_backward_case(case):
             lambda q, k, v: attention_reference(q, k, v, **options)[0], (q, k, v))
 
 
-@pytest.mark.parametrize("case", ["plain", "causal-gqa", "bool-mask", "additive-mask", "dropout", "sdpa", "varlen"])
+@pytest.mark.parametrize("case", ["plain", "causal-gqa", "bool-mask", "additive-mask", "dropout", "sdpa", "varlen",
+                                  "varlen-dropout", "self-attention", "shared-key-value"])
 def test_double_backward_matches_torch(case):
     fused, reference, inputs = _double_backward_case(case)
     with triton_launches() as launches:
@@ -212,8 +238,9 @@ def test_double_backward_matches_torch(case):
     assert launches["attention_fwd"] == 1
     torch_grads, torch_second = _gradient_penalty(reference, *inputs)
     exact_grads, exact_second = _gradient_penalty(reference, *(t.double() for t in inputs))
-    for name, actual, same_dtype, exact in zip(["dq", "dk", "dv", "d2q", "d2k", "d2v"], grads + second,
-                                               torch_grads + torch_second, exact_grads + exact_second):
+    names = [f"d{i}" for i in range(len(inputs))] + [f"d2_{i}" for i in range(len(inputs))]
+    for name, actual, same_dtype, exact in zip(names, grads + second, torch_grads + torch_second,
+                                               exact_grads + exact_second):
         assert_close_to_exact(actual, same_dtype, exact, what=name)
 
 

@@ -37,9 +37,6 @@ def test_rms_norm_casting_modes_and_offset(casting_mode, offset, dtype, shape):
         lambda x, w: norm_reference(x, (width,), w, None, 1e-6, rms=True, offset=offset, casting_mode=casting_mode),
         x, weight, names=["output", "input.grad", "weight.grad"])
     assert launches["rms_norm_fwd"] == 1 and launches["rms_norm_bwd"] == 1
-    with engine.use_backend("torch"):  # the torch path is the reference itself
-        expected = norm_reference(x, (width,), weight, None, 1e-6, rms=True, offset=offset, casting_mode=casting_mode)
-        assert torch.equal(rms_norm(x, width, weight, 1e-6, offset=offset, casting_mode=casting_mode), expected)
 
 
 def test_the_default_casting_mode_is_torchs_numerics():
@@ -117,6 +114,12 @@ def test_residual_in_fp32_keeps_the_stream_in_fp32_and_the_output_in_the_input_d
     with engine.use_backend("torch"):
         y_torch, h_torch = fused(x, r, weight)
     assert torch.equal(h_torch, h) and y_torch.dtype == dtype
+    if norm == "rms":  # eps=None: the epsilon of h's dtype (fp32), not of the input's
+        for backend in ("triton", "torch"):
+            with engine.use_backend(backend):
+                assert torch.equal(add_norm(x, r, 97, weight, norm="rms", residual_in_fp32=True)[0],
+                                   add_norm(x, r, 97, weight, eps=torch.finfo(torch.float32).eps, norm="rms",
+                                            residual_in_fp32=True)[0])
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch"])

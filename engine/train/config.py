@@ -1,0 +1,154 @@
+"""TrainConfig (validated field by field when built) and ``key=value`` settings from the command line,
+parsed to the type of each field's default before any data or model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")
+# Settings a resumed run must keep: they shape the optimizer's trajectory (a resume would not be exact).
+RESUME_FIXED = ("batch_size", "grad_accumulation", "lr", "weight_decay", "decay_embeddings", "warmup_steps",
+                "min_lr_ratio", "max_grad_norm", "precision", "seed", "on_nonfinite")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    grad_accumulation: int = 1
+    lr: float = 3e-4
+    weight_decay: float = dataclasses.field(default=0.01, metadata=_help(
+        "decoupled weight decay, on matrices only (2+ dims): biases and norm weights never decay"))
+    decay_embeddings: bool = dataclasses.field(default=True, metadata=_help(
+        "whether embedding matrices decay too (nanoGPT's and Hugging Face's convention)"))
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    on_nonfinite: str = dataclasses.field(default="stop", metadata=_help(
+        "a NaN or inf loss or gradient norm: stop (the run ends naming the step; its last finite checkpoint "
+        "stays) or skip (that step's update is skipped, as GradScaler does)"))
+    activation_checkpointing: bool = False
+    eval_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+    out_dir: str = "runs/run"
+    device: str = "auto"  # "auto": CUDA when present
+    backend: str = "auto"  # engine backend; "torch" runs the same loop on plain PyTorch
+
+    def __post_init__(self):
+        check_types(self)
+        for name in ("steps", "batch_size", "grad_accumulation", "eval_every", "log_every", "checkpoint_every"):
+            _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
+        _require("warmup_steps", self.warmup_steps >= 0, "0 or more", self.warmup_steps)
+        _require("lr", math.isfinite(self.lr) and self.lr > 0, "a positive finite number", self.lr)
+        _require("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "0 or more",
+                 self.weight_decay)
+        _require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]", self.min_lr_ratio)
+        if self.max_grad_norm is not None:
+            _require("max_grad_norm", math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+                     "a positive finite number or null (no clipping)", self.max_grad_norm)
+        _require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}", self.precision)
+        _require("on_nonfinite", self.on_nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}",
+                 self.on_nonfinite)
+        _require("backend", self.backend in ("auto", "triton", "torch"), "auto, triton or torch", self.backend)
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"TrainConfig: checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
+                             f"({self.log_every}), so a resumed run logs the same windows")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def _require(name: str, ok: bool, expected: str, got) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig: {name} must be {expected}, got {got!r}")
+
+
+def _kind(field: dataclasses.Field, value) -> type | None:
+    """The type a field holds: its default's, or the one its annotation names when the default is None."""
+    if value is not None:
+        return type(value)
+    annotation = str(field.type)
+    return next((kind for kind in (bool, int, float, str) if kind.__name__ in annotation), None)
+
+
+def check_types(config) -> None:
+    """Every field of a settings dataclass holds its default's type (an int for an int, never a
+    bool; an int or float for a float; None only where the annotation allows it)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        kind = _kind(field, default)
+        if value is None:
+            if "None" not in str(field.type) and default is not None:
+                raise ValueError(f"{type(config).__name__}: {field.name} must be a {kind.__name__}, got None")
+            continue
+        if kind is None or dataclasses.is_dataclass(value):
+            continue
+        ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))) or \
+            (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{type(config).__name__}: {field.name} must be a {kind.__name__}, "
+                             f"got {type(value).__name__} {value!r}")
+
+
+def _parse(name: str, field: dataclasses.Field, current, raw: str):
+    """``raw`` as the type of the field's current value."""
+    text = raw.strip()
+    if "None" in str(field.type) and text.lower() in ("null", "none"):
+        return None
+    kind = _kind(field, current)
+    if kind is bool:
+        if text.lower() in ("true", "yes", "on", "1"):
+            return True
+        if text.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"setting {name}: expected true or false, got {raw!r}")
+    if kind in (int, float):
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"setting {name}: expected a number, got {raw!r}") from None
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError(f"setting {name}: expected a whole number, got {raw!r}")
+            return int(number)
+        return number
+    return raw
+
+
+def config_from_args(config, overrides: list[str]):
+    """A copy of dataclass ``config`` with ``key=value`` strings applied; ``train.steps=10`` reaches
+    a nested dataclass field. Values are parsed to the type of the field's current value
+    (``null`` for optional fields) and the copy is validated, so a bad setting fails here."""
+    changes: dict = {}
+    nested: dict[str, list[str]] = {}
+    fields = {f.name: f for f in dataclasses.fields(config) if f.init}
+    for item in overrides:
+        key, equals, raw = item.partition("=")
+        key = key.replace("-", "_")
+        head, dot, rest = key.partition(".")
+        if head not in fields or (dot and not dataclasses.is_dataclass(getattr(config, head))):
+            raise ValueError(f"unknown setting {item!r}; settings: {sorted(fields)} (nested: train.<field>)")
+        if not equals:
+            raise ValueError(f"setting {item!r} has no value: write {key}=<value>")
+        if dot:
+            nested.setdefault(head, []).append(f"{rest}={raw}")
+            continue
+        changes[key] = _parse(key, fields[key], getattr(config, key), raw)
+    for head, items in nested.items():
+        changes[head] = config_from_args(getattr(config, head), items)
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,265 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+FusedAdamW over the trainable parameters (torch.optim.AdamW on backend "torch"), linear warmup
+then cosine decay, gradient accumulation, clipping, mixed precision (bf16 autocast on CPU and CUDA;
+fp16 with a gradient scaler on CUDA), optional activation checkpointing, evaluation every N steps,
+metrics as JSONL, a loss-curve PNG, and checkpoints that resume exactly (``checkpoints.py``). A
+NaN or inf loss or gradient norm stops the run, naming the step, or skips that step's update
+(``on_nonfinite``); a resumed run refuses changed settings it cannot keep exact and says which
+changes it applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine import backend
+from engine.optim import FusedAdamW, clip_grad_norm_
+from engine.train.checkpoints import Checkpoints, RunLock, nonfinite_tensors
+from engine.train.config import RESUME_FIXED, TrainConfig
+from engine.train.parallel import global_mean, unwrap
+from engine.train.records import MetricsLog, plot_loss
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss, gradient norm or weight under ``on_nonfinite="stop"``."""
+
+
+class BatchStream:
+    """Batches drawn from a seeded permutation per epoch; its position is part of a checkpoint."""
+
+    def __init__(self, dataset, batch_size: int, collate: Callable, seed: int, *, shuffle: bool = True):
+        self.dataset, self.batch_size, self.collate, self.seed, self.shuffle = dataset, batch_size, collate, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self.rank, self.world = 0, 1
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch (this rank's share of a global batch of batch_size * world examples)."""
+        order = self._order()
+        global_batch = self.batch_size * self.world
+        if self.position + global_batch > len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+            order = self._order()
+        indices = order[self.position:self.position + global_batch][self.rank::self.world]
+        self.position += global_batch
+        return self.collate([self.dataset[i] for i in indices])
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def optimizer_groups(model: torch.nn.Module, parameters: list[torch.nn.Parameter], weight_decay: float, *,
+                     decay_embeddings: bool = True) -> list[dict]:
+    """AdamW parameter groups: matrices (2 or more dims) decay by ``weight_decay``; vectors and
+    scalars (biases, norm weights) do not; embedding matrices decay when ``decay_embeddings``.
+    Empty groups are left out."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, keep = [], []
+    for p in parameters:
+        (decay if p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings) else keep).append(p)
+    groups = ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0})
+    return [group for group in groups if group["params"]]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _check_resume(config: TrainConfig, saved: dict | None, step: int, out_dir: Path, rank: int) -> None:
+    """Refuse the changed settings a resume cannot keep exact; say which changes apply."""
+    if saved is None:
+        return
+    current = dataclasses.asdict(config)
+    changed = {key: (saved[key], current[key]) for key in current if key in saved and saved[key] != current[key]}
+    refused = [f"train.{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key in RESUME_FIXED]
+    if refused:
+        raise RuntimeError(f"{out_dir} holds a run at step {step} whose settings differ: {', '.join(refused)}; a "
+                           "resumed run keeps them (restore them), or start a new one in another train.out_dir")
+    if config.steps < step:
+        raise RuntimeError(f"train.steps={config.steps}, but the run in {out_dir} is at step {step} already; raise "
+                           "train.steps to continue it, or use another train.out_dir")
+    applied = [f"train.{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key != "out_dir"]
+    if applied:
+        _say(rank, f"resuming with changed settings: {', '.join(applied)}"
+                   + (" (the cosine schedule now ends at the new step count)" if "steps" in changed else ""))
+
+
+def train(
+    model: torch.nn.Module,
+    train_data,
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
+    config: TrainConfig,
+    *,
+    collate: Callable,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict]:
+    """Train ``model`` for ``config.steps`` optimiser steps and return the metrics records.
+
+    ``loss_fn(model, batch)`` returns (mean loss, number of tokens or examples it covers).
+    ``evaluate(model)`` returns a dict with ``eval_loss`` and any metrics. With ``world > 1`` the
+    model is expected to be wrapped in DistributedDataParallel (``distributed``); each rank draws
+    its share of every global batch of ``batch_size * world`` examples, the logged loss is the
+    global mean, and only rank 0 evaluates, logs and checkpoints. A run resumes from ``out_dir``
+    when it holds a checkpoint (under DDP every rank restores rank 0's RNG state); rank 0 holds
+    ``out_dir``'s lock while it runs.
+    """
+    device = config.resolved_device()
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("train: precision fp16 needs CUDA (use bf16 on CPU)")
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir) if rank == 0 else contextlib.nullcontext():
+        return _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, device, out_dir)
+
+
+def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, device, out_dir) -> list[dict]:
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plain = config.backend == "torch"  # the eager comparison: PyTorch's optimizer and clipping too
+    groups = optimizer_groups(model, trainable, config.weight_decay, decay_embeddings=config.decay_embeddings)
+    optimizer = (torch.optim.AdamW if plain else FusedAdamW)(groups, lr=config.lr)
+    clip = torch.nn.utils.clip_grad_norm_ if plain else clip_grad_norm_
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+    stream = BatchStream(train_data, config.batch_size, collate, config.seed)
+    stream.rank, stream.world = rank, world
+    checkpoints = Checkpoints(out_dir)
+    start = 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(latest, unwrap(model), optimizer, scheduler, scaler, stream, device)
+        start = state["step"]
+        _check_resume(config, state.get("config"), start, out_dir, rank)
+        _say(rank, f"resuming from {latest.name} in {out_dir}"
+                   + (": the run is complete" if start == config.steps else ""))
+    log = MetricsLog(out_dir / "metrics.jsonl", keep_until=start) if rank == 0 else None
+    for module in model.modules():
+        if hasattr(type(module), "activation_checkpointing"):
+            module.activation_checkpointing = config.activation_checkpointing
+
+    with backend.use_backend(config.backend):
+        model.train()
+        window_start, window_items, window_loss, skipped = time.perf_counter(), 0, [], 0
+        for step in range(start, config.steps):
+            done = step + 1
+            step_loss = 0.0
+            for _ in range(config.grad_accumulation):
+                batch = _to_device(stream.next(), device)
+                with _autocast(device, config.precision):
+                    loss, items = loss_fn(model, batch)
+                scaler.scale(loss / config.grad_accumulation).backward()
+                step_loss += global_mean(loss.detach(), world) / config.grad_accumulation
+                window_items += items
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = clip(trainable, config.max_grad_norm)
+            # fp16: an overflowing gradient is GradScaler's to skip; a non-finite loss is ours
+            nonfinite = {"loss": step_loss} if not math.isfinite(step_loss) else {}
+            if grad_norm is not None and not scaler.is_enabled() and not math.isfinite(float(grad_norm)):
+                nonfinite["grad_norm"] = float(grad_norm)
+            if nonfinite and config.on_nonfinite == "stop":
+                if log is not None:
+                    log.write({"step": done, **nonfinite, "stopped": True})
+                kept = checkpoints.latest_published()
+                raise NonFiniteError(
+                    f"step {done}: the {' and '.join(f'{k} is {v}' for k, v in nonfinite.items())}; the run stops "
+                    f"(train.on_nonfinite=stop) and {kept.name if kept else 'no checkpoint'} is kept. Lower "
+                    "train.lr, or set train.on_nonfinite=skip to skip such steps")
+            if nonfinite and not scaler.is_enabled():
+                skipped += 1  # skip: no update; the schedule moves on, as under GradScaler
+            else:
+                scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_loss.append(step_loss)
+            if rank == 0 and (done % config.log_every == 0 or done == config.steps):
+                elapsed = time.perf_counter() - window_start
+                finite = [x for x in window_loss if math.isfinite(x)]
+                record = {"step": done, "loss": sum(finite) / len(finite) if finite else float("nan"),
+                          "lr": scheduler.get_last_lr()[0], "items_per_s": window_items * world / elapsed}
+                if skipped:
+                    record["skipped_steps"] = skipped
+                log.write(record)
+                print(f"{_bar(done, config.steps)} step {done}/{config.steps}  loss {record['loss']:.4f}  "
+                      f"lr {record['lr']:.2e}  {record['items_per_s']:.0f} items/s"
+                      + (f"  ({skipped} non-finite step(s) skipped)" if skipped else ""), file=sys.stderr, flush=True)
+                window_start, window_items, window_loss, skipped = time.perf_counter(), 0, [], 0
+            if evaluate is not None and rank == 0 and (done % config.eval_every == 0 or done == config.steps):
+                model.eval()
+                with torch.no_grad(), _autocast(device, config.precision):
+                    result = evaluate(unwrap(model))
+                model.train()
+                log.write({"step": done, **result})
+                print(f"step {done}/{config.steps}  eval " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)), file=sys.stderr, flush=True)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                bad = nonfinite_tensors(unwrap(model))  # on every rank, so that all stop together
+                if bad:
+                    raise NonFiniteError(f"step {done}: weights {', '.join(bad[:5])} are not finite; no checkpoint "
+                                         "is written and the last finite one is kept. Lower train.lr")
+                if rank == 0:
+                    checkpoints.save(done, unwrap(model), optimizer, scheduler, scaler, stream, device, config)
+            if world > 1:
+                torch.distributed.barrier()
+    if rank != 0:
+        return []
+    records = log.records()
+    plot_loss({f"backend {config.backend}": records}, out_dir / "loss.png", type(unwrap(model)).__name__)
+    return records

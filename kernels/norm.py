@@ -8,6 +8,7 @@ RMSNorm's casting modes say where results are rounded to the activation dtype AC
     "gemma" (torch's F.rms_norm): nowhere but y;  "llama": xhat = h * rstd before the weight
     multiply (Llama, Qwen, Mistral);  "none": rstd, xhat, offset + w and y, as a norm computed in
     ACT would (its sums still accumulate in fp32).
+A row whose variance (mean square) overflows fp32 gives NaN, never a plausible number.
 Backward (casts pass gradients through, as autograd's do):
     dx = rstd * (w'dy - xhat * mean(w'dy * xhat) - mean(w'dy)),  w' = offset + w
 (RMSNorm drops the last term), plus the gradient arriving at h. dw = sum over rows of dy * xhat,
@@ -59,6 +60,14 @@ def _round(x, ACT: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(ACT).to(tl.float32)
+
+
+@triton.jit
+def _rstd(square_sum, N, eps):
+    """1 / sqrt(square_sum / N + eps), and NaN where the sum overflowed fp32: an input too large to
+    normalise gives NaN, not the bias or zeros that a zero rstd would make of it."""
+    variance = square_sum / N
+    return tl.where(variance == float("inf"), float("nan"), 1.0 / tl.sqrt(variance + eps))
 
 
 @triton.jit
@@ -129,7 +138,7 @@ def _norm_fwd_kernel(
             mean = tl.sum(x, axis=1) / N
             centered = tl.where(mask, x - mean[:, None], 0.0)
             square_sum = tl.sum(centered * centered, axis=1)
-        rstd = 1.0 / tl.sqrt(square_sum / N + eps)
+        rstd = _rstd(square_sum, N, eps)
         _normalize_store_tile(Y, W, B, x, mean, rstd, rows, cols, mask, col_mask, stride_y,
                               IS_RMS, HAS_WEIGHT, HAS_BIAS, OFFSET, CASTING, ACT)
     else:
@@ -150,7 +159,7 @@ def _norm_fwd_kernel(
                 delta = block_mean - mean
                 mean += delta * (count / (seen + count))
                 square_sum += tl.sum(centered * centered, axis=1) + delta * delta * (seen * count / (seen + count))
-        rstd = 1.0 / tl.sqrt(square_sum / N + eps)
+        rstd = _rstd(square_sum, N, eps)
         # Pass 2: normalise, reading the (rounded) sum back when there is a residual.
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)

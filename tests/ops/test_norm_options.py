@@ -221,3 +221,17 @@ def test_bad_input_raises_what_torch_raises(case, backend):
 def test_bad_options_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(4, 16))
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("width", [8, 33000], ids=["one-block", "column-blocks"])
+def test_an_overflowing_row_gives_nan_not_a_plausible_number(norm, width):
+    """|x| ~ 1e30 overflows the fp32 variance: the kernels give NaN for that row (torch's CPU kernels
+    give NaN or the bias for LayerNorm and zeros for RMSNorm, depending on the values)."""
+    x = torch.randn(3, width, generator=torch.Generator().manual_seed(6)).to(KERNEL_DEVICE)
+    x[1, 0] = 1e30
+    weight, bias = torch.ones(width, device=KERNEL_DEVICE), torch.full((width,), 0.5, device=KERNEL_DEVICE)
+    with triton_launches():
+        y = layer_norm(x, (width,), weight, bias) if norm == "layer_norm" else rms_norm(x, (width,), weight)
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[[0, 2]]).all()

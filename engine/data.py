@@ -51,12 +51,37 @@ def reviews(source: str = "imdb") -> list[tuple[str, int]]:
 
 
 def csv_examples(path: str | Path) -> list[tuple[str, int]]:
-    """(text, label) pairs from a CSV with ``text`` and integer ``label`` columns."""
-    with Path(path).open(newline="", encoding="utf-8") as file:
+    """(text, label) pairs from a CSV (UTF-8, a byte-order mark allowed) with ``text`` and ``label``
+    columns; labels are class indices 0, 1, ... (``class_count`` checks that they leave no gaps)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"csv_examples: no CSV file at {path}")
+    with path.open(newline="", encoding="utf-8-sig") as file:
         reader = csv.DictReader(file)
         if not {"text", "label"} <= set(reader.fieldnames or ()):
             raise ValueError(f"csv_examples: {path} needs 'text' and 'label' columns, has {reader.fieldnames}")
-        return [(row["text"], int(row["label"])) for row in reader]
+        examples = []
+        for line, row in enumerate(reader, 2):
+            label = (row["label"] or "").strip()
+            if not label.isdigit():
+                raise ValueError(f"csv_examples: {path} line {line}: label {row['label']!r} is not a class index "
+                                 "(0, 1, 2, ...); map text labels to numbers first")
+            examples.append((row["text"], int(label)))
+    if not examples:
+        raise ValueError(f"csv_examples: {path} has no rows")
+    return examples
+
+
+def class_count(examples: list[tuple[str, int]]) -> int:
+    """The number of classes: labels must be 0..K-1 with every class present at least once (so a
+    stray label such as 10**9 cannot size a classifier)."""
+    labels = {label for _, label in examples}
+    count = max(labels) + 1
+    if min(labels) < 0 or len(labels) != count:
+        missing = sorted(set(range(count)) - labels)[:10]
+        raise ValueError(f"labels must be 0..K-1 with every class present: found {len(labels)} distinct labels "
+                         f"up to {count - 1}, missing {missing}{' ...' if count - len(labels) > 10 else ''}")
+    return count
 
 
 def held_out_split(examples: list, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:

@@ -201,12 +201,12 @@ def finetune(config: FinetuneConfig) -> dict:
     tokenizer.no_padding()
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     train_examples, eval_examples = _examples(config.dataset)
+    num_labels = data.class_count(train_examples + eval_examples)  # before any subset drops a rare class
     if config.train_examples is not None:
         subset = min(1.0, config.train_examples / len(train_examples))
         train_examples = data.held_out_split(train_examples, subset, seed=config.train.seed)[1]
     if config.eval_examples is not None:
         eval_examples = eval_examples[:config.eval_examples]
-    num_labels = max(label for _, label in train_examples + eval_examples) + 1
     torch.manual_seed(config.train.seed)
     model = load_hf_bert(folder, head="classification", num_labels=num_labels)
     if config.strategy == "frozen":

@@ -256,3 +256,28 @@ def test_bad_settings_fail_before_anything_loads(tmp_path, straight, monkeypatch
         config_from_args(PretrainConfig(), [setting])
     assert config_from_args(PretrainConfig(), ["train.steps=1e1"]).train.steps == 10
     assert config_from_args(PretrainConfig(), ["train.max_grad_norm=null"]).train.max_grad_norm is None
+
+
+@pytest.mark.parametrize("rows, problem", [
+    ("text,label\nfine,1\nbad,positive\n", "line 3: label 'positive' is not a class index"),
+    ("text,label\nfine,1\nbad,-1\n", "line 3: label '-1'"),
+    ("text,label\na,0\nb,1000000000\n", "missing \\[1, 2, 3"),
+    ("words,label\na,0\n", "needs 'text' and 'label' columns"),
+    ("text,label\n", "has no rows"),
+])
+def test_a_bad_csv_is_refused_before_training(tmp_path, rows, problem):
+    from engine import data
+
+    path = tmp_path / "reviews.csv"
+    path.write_text(rows)
+    with pytest.raises(ValueError, match=problem):
+        data.class_count(data.csv_examples(path))
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
+    from engine import data
+
+    path = tmp_path / "reviews.csv"
+    path.write_bytes("text,label\na fine film,1\na dull one,0\n".encode("utf-8-sig"))
+    examples = data.csv_examples(path)
+    assert examples == [("a fine film", 1), ("a dull one", 0)] and data.class_count(examples) == 2

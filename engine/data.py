@@ -12,6 +12,7 @@ the user's own files, tokenizers, and batching.
 from __future__ import annotations
 
 import csv
+import itertools
 import hashlib
 import importlib.util
 import os
@@ -78,7 +79,7 @@ def class_count(examples: list[tuple[str, int]]) -> int:
     labels = {label for _, label in examples}
     count = max(labels) + 1
     if min(labels) < 0 or len(labels) != count:
-        missing = sorted(set(range(count)) - labels)[:10]
+        missing = list(itertools.islice((i for i in range(count) if i not in labels), 10))  # never range(count)
         raise ValueError(f"labels must be 0..K-1 with every class present: found {len(labels)} distinct labels "
                          f"up to {count - 1}, missing {missing}{' ...' if count - len(labels) > 10 else ''}")
     return count

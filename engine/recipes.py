@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from engine import data, lora, metrics
 from engine.models import GPT, GPTConfig, load_hf_bert, save_pretrained
 from engine.train import TrainConfig, count_parameters, distributed, init_distributed, train
-from engine.train.config import check_types
+from engine.settings import check_types, require_positive
 
 STRATEGIES = ("full", "frozen", "head", "lora")
 
@@ -34,17 +34,9 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_types(self)
-        _positive(self, "vocab_size", "block_size", "eval_blocks")
+        require_positive(self, "vocab_size", "block_size", "eval_blocks")
         if not 0 < self.held_out < 1:
             raise ValueError(f"PretrainConfig: held_out must be in (0, 1), got {self.held_out}")
-
-
-def _positive(config, *names: str) -> None:
-    """Each named setting is None (where allowed) or at least 1."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{type(config).__name__}: {name} must be at least 1, got {value}")
 
 
 def _lm_loss(model, batch):
@@ -151,7 +143,7 @@ class FinetuneConfig:
         check_types(self)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"FinetuneConfig: strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        _positive(self, "lora_rank", "max_length", "train_examples", "eval_examples")
+        require_positive(self, "lora_rank", "max_length", "train_examples", "eval_examples")
         if self.frozen_blocks < 0 or not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0:
             raise ValueError("FinetuneConfig: frozen_blocks must be 0 or more, lora_dropout in [0, 1), lora_alpha "
                              f"positive; got {self.frozen_blocks}, {self.lora_dropout}, {self.lora_alpha}")

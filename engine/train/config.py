@@ -4,10 +4,11 @@ parsed to the type of each field's default before any data or model is loaded.""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
+
+from engine.settings import check_types, field_kind, require, require_finite, require_positive
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -48,20 +49,18 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
-        for name in ("steps", "batch_size", "grad_accumulation", "eval_every", "log_every", "checkpoint_every"):
-            _require(name, getattr(self, name) >= 1, "at least 1", getattr(self, name))
-        _require("warmup_steps", self.warmup_steps >= 0, "0 or more", self.warmup_steps)
-        _require("lr", math.isfinite(self.lr) and self.lr > 0, "a positive finite number", self.lr)
-        _require("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "0 or more",
-                 self.weight_decay)
-        _require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]", self.min_lr_ratio)
+        require_positive(self, "steps", "batch_size", "grad_accumulation", "eval_every", "log_every",
+                         "checkpoint_every")
+        require(self, "warmup_steps", self.warmup_steps >= 0, "0 or more", self.warmup_steps)
+        require_finite(self, "lr", low=0, open_low=True)
+        require_finite(self, "weight_decay", low=0)
+        require_finite(self, "min_lr_ratio", low=0, high=1)
         if self.max_grad_norm is not None:
-            _require("max_grad_norm", math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
-                     "a positive finite number or null (no clipping)", self.max_grad_norm)
-        _require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}", self.precision)
-        _require("on_nonfinite", self.on_nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}",
-                 self.on_nonfinite)
-        _require("backend", self.backend in ("auto", "triton", "torch"), "auto, triton or torch", self.backend)
+            require_finite(self, "max_grad_norm", low=0, open_low=True)
+        require(self, "precision", self.precision in PRECISIONS, f"one of {PRECISIONS}", self.precision)
+        require(self, "on_nonfinite", self.on_nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}",
+                self.on_nonfinite)
+        require(self, "backend", self.backend in ("auto", "triton", "torch"), "auto, triton or torch", self.backend)
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"TrainConfig: checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
                              f"({self.log_every}), so a resumed run logs the same windows")
@@ -72,45 +71,12 @@ class TrainConfig:
         return torch.device(self.device)
 
 
-def _require(name: str, ok: bool, expected: str, got) -> None:
-    if not ok:
-        raise ValueError(f"TrainConfig: {name} must be {expected}, got {got!r}")
-
-
-def _kind(field: dataclasses.Field, value) -> type | None:
-    """The type a field holds: its default's, or the one its annotation names when the default is None."""
-    if value is not None:
-        return type(value)
-    annotation = str(field.type)
-    return next((kind for kind in (bool, int, float, str) if kind.__name__ in annotation), None)
-
-
-def check_types(config) -> None:
-    """Every field of a settings dataclass holds its default's type (an int for an int, never a
-    bool; an int or float for a float; None only where the annotation allows it)."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        default = field.default if field.default is not dataclasses.MISSING else None
-        kind = _kind(field, default)
-        if value is None:
-            if "None" not in str(field.type) and default is not None:
-                raise ValueError(f"{type(config).__name__}: {field.name} must be a {kind.__name__}, got None")
-            continue
-        if kind is None or dataclasses.is_dataclass(value):
-            continue
-        ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))) or \
-            (kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"{type(config).__name__}: {field.name} must be a {kind.__name__}, "
-                             f"got {type(value).__name__} {value!r}")
-
-
 def _parse(name: str, field: dataclasses.Field, current, raw: str):
     """``raw`` as the type of the field's current value."""
     text = raw.strip()
     if "None" in str(field.type) and text.lower() in ("null", "none"):
         return None
-    kind = _kind(field, current)
+    kind = field_kind(field, current)
     if kind is bool:
         if text.lower() in ("true", "yes", "on", "1"):
             return True

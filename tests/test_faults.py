@@ -314,7 +314,7 @@ def test_a_lying_config_is_refused_before_anything_is_built(tmp_path, change, pr
 
 
 @pytest.mark.parametrize("damage, problem", [
-    ("int-tensor", "not floating point: blocks.0.norm1.weight \\(I64\\)"),
+    ("int-tensor", "not fp16, bf16, fp32 or fp64 .*: blocks.0.norm1.weight \\(I64\\)"),
     ("missing-tensor", "missing tensors: blocks.1.mlp.proj.weight"),
     ("extra-tensor", "unexpected tensors: blocks.0.extra"),
     ("truncated", "not a readable safetensors file"),

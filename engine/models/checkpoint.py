@@ -73,7 +73,7 @@ def _check_shapes(source: str, model_meta: torch.nn.Module, shapes: dict[str, tu
     not_float = [f"{name} ({dtypes[name]})" for name in sorted(dtypes) if dtypes[name] not in _FLOAT_DTYPES]
     problems = [f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}" for label, items in (
         ("shapes that do not match the config", wrong), ("missing tensors", missing), ("unexpected tensors", extra),
-        ("tensors that are not floating point", not_float)) if items]
+        ("tensors that are not fp16, bf16, fp32 or fp64 (integers, bool, fp8)", not_float)) if items]
     if problems:
         raise ValueError(f"{source} does not match {type(model_meta).__name__}: " + "; ".join(problems))
     lossy = sorted(name for name, dtype in dtypes.items() if dtype == "F64")

@@ -64,7 +64,7 @@ def csv_examples(path: str | Path) -> list[tuple[str, int]]:
         examples = []
         for line, row in enumerate(reader, 2):
             label = (row["label"] or "").strip()
-            if not label.isdigit():
+            if not (label.isascii() and label.isdecimal()):
                 raise ValueError(f"csv_examples: {path} line {line}: label {row['label']!r} is not a class index "
                                  "(0, 1, 2, ...); map text labels to numbers first")
             examples.append((row["text"], int(label)))

@@ -26,6 +26,12 @@ def check_types(config) -> None:
         if not field.init:  # derived in __post_init__
             continue
         value = getattr(config, field.name)
+        if field.default_factory is not dataclasses.MISSING:  # a nested group of settings
+            expected = type(field.default_factory())
+            if not isinstance(value, expected):
+                raise ValueError(f"{type(config).__name__}: {field.name} must be a {expected.__name__}, "
+                                 f"got {type(value).__name__} {value!r}")
+            continue
         default = field.default if field.default is not dataclasses.MISSING else None
         kind = field_kind(field, default)
         if value is None:

@@ -6,6 +6,7 @@ prints how many were survived."""
 
 import errno
 import json
+import math
 import os
 import warnings
 
@@ -181,12 +182,71 @@ def test_deleted_latest(tmp_path, straight, monkeypatch):
         _same_run(_run(tmp_path), straight)
 
 
-def test_earlier_run_without_checkpoint_is_not_wiped(tmp_path, straight, monkeypatch):
+def test_a_pointer_without_any_checkpoint_is_refused_and_nothing_is_touched(tmp_path, straight, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     (tmp_path / "latest").write_text("garbage")
-    with pytest.raises(RuntimeError, match="holds an earlier run .* no complete checkpoint"):
+    with pytest.raises(RuntimeError, match="names 'garbage', but .* holds no complete checkpoint"):
         _run(tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+
+
+def test_a_run_that_ended_before_its_first_checkpoint_starts_over_keeping_its_records(tmp_path, straight,
+                                                                                       monkeypatch):
+    _interrupted(tmp_path, at_step=2)  # killed before the step-2 checkpoint: one record, no checkpoint
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.warns(RuntimeWarning, match="ended before its first checkpoint; they are kept as"):
+        result = _run(tmp_path)
+    _same_run(result, straight)
+    assert [p.read_text() for p in tmp_path.glob("metrics.jsonl.before-*")] == [before]
+
+
+def test_leftovers_of_other_processes_are_removed_when_a_run_starts(tmp_path, straight, monkeypatch):
+    _interrupted(tmp_path, at_step=3)
+    (tmp_path / ".step-4.tmp-99999").mkdir()  # another process's interrupted save
+    (tmp_path / ".step-4.tmp-99999" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / ".metrics.jsonl.tmp-99999").write_text("{}")
+    _same_run(_run(tmp_path), straight)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_records_behind_the_checkpoint_are_reported(tmp_path, straight, capsys):
+    _interrupted(tmp_path, at_step=5)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # steps 3 and 4 never reached the disk
+    records, _ = _run(tmp_path)
+    assert "the records end at step 2, the checkpoint is at step 4" in capsys.readouterr().err
+    assert [r["step"] for r in records] == [1, 2, 5, 6]
+
+
+def test_old_records_holding_nan_are_made_strict_on_resume(tmp_path, straight, monkeypatch):
+    _interrupted(tmp_path, at_step=5)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    record["loss"] = float("nan")  # as a version that wrote bare NaN did
+    (tmp_path / "metrics.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    _run(tmp_path)
+    first = _strict_json_lines(tmp_path / "metrics.jsonl")[0]
+    assert first["loss"] is None and first["nonfinite"] == ["loss"]
+
+
+def test_a_real_write_failure_names_the_file_and_keeps_the_checkpoint(tmp_path, straight, monkeypatch):
+    """The operating system refuses the write (a file-size limit: EFBIG, as a full disk gives ENOSPC)."""
+    import resource
+    import signal
+
+    _interrupted(tmp_path, at_step=3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(RuntimeError, match=r"writing .*model.safetensors failed .*step-2 is untouched"):
+            _run(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert Checkpoints(tmp_path).latest_published() == tmp_path / "step-2"
+    assert not list(tmp_path.glob(".step-*"))
+    _same_run(_run(tmp_path), straight)
 
 
 @pytest.mark.parametrize("writer", ["state", "weights"])
@@ -227,10 +287,8 @@ def test_killed_at_every_point_of_a_save(tmp_path, straight, monkeypatch, target
         _same_run(_run(tmp_path), straight)
 
 
-def test_changed_settings_on_resume(tmp_path, straight, monkeypatch):
-    _run(tmp_path, steps=4)
-    with pytest.raises(RuntimeError, match=r"train.lr 0.0003 -> 0.001"):
-        _run(tmp_path, lr=1e-3)
+def test_changed_settings_on_resume(tmp_path, straight, capsys):
+    _interrupted(tmp_path, at_step=5)
     with pytest.raises(RuntimeError, match=r"train.batch_size 4 -> 8"):
         torch.manual_seed(0)
         train(GPT(GPTConfig.named("tiny")), _data(), _loss,
@@ -238,8 +296,25 @@ def test_changed_settings_on_resume(tmp_path, straight, monkeypatch):
                           out_dir=str(tmp_path)), collate=_stack)
     with pytest.raises(RuntimeError, match="train.steps=2, but the run .* is at step 4"):
         _run(tmp_path, steps=2)
-    records, _ = _run(tmp_path)  # steps 4 -> 6: applied, and said
-    assert records[-1]["step"] == STEPS
+    records, _ = _run(tmp_path, lr=1e-4, steps=8)  # applied from step 4 on, and said
+    assert "applied from step 4 on: train.steps 6 -> 8, train.lr 0.0003 -> 0.0001" in capsys.readouterr().err
+    expected = 1e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 7)))  # warmup 1, cosine to 8, after step 5
+    assert records[-1]["step"] == 8 and records[4]["lr"] == pytest.approx(expected)
+
+
+def test_a_stopped_run_resumes_with_the_remedy_its_message_names(tmp_path, straight, monkeypatch):
+    calls = [0]
+
+    def poisoned(model, batch):
+        calls[0] += 1
+        loss, items = _loss(model, batch)
+        return (loss * float("nan") if calls[0] == 5 else loss), items
+
+    with pytest.raises(NonFiniteError, match="train.on_nonfinite=skip"):
+        _run(tmp_path, loss_fn=poisoned)
+    calls[0] = 4  # the resumed run starts at step 5: its first call is poisoned again
+    records, _ = _run(tmp_path, loss_fn=poisoned, on_nonfinite="skip")
+    assert records[-1]["step"] == STEPS and records[4].get("skipped_steps") == 1
 
 
 @pytest.mark.parametrize("setting, problem", [

@@ -245,6 +245,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(torch.tensor([loss for _, loss in got]), torch.tensor([loss for _, loss in expected]),
                                rtol=1e-5, atol=1e-5)
 
+    (tmp_path / "two" / "latest").write_text("garbage")  # only rank 0 reads the folder; the others follow it
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "engine", "pretrain", *settings(tmp_path / "two", 4)],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("resuming from the newest complete checkpoint, step-8") == 1, again.stderr[-3000:]
+    assert _losses(tmp_path / "two") == got
+
 
 def test_attention_maps_are_drawn_per_layer(tmp_path):
     from tokenizers import Tokenizer

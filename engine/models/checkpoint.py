@@ -236,6 +236,8 @@ def load_hf_bert(folder: str | Path, *, head: str | None = None, num_labels: int
         mapped = hf_bert_state(meta, config.num_layers)
     except KeyError as missing:
         raise ValueError(f"{source} lacks the BERT tensor {missing}") from None
+    except RuntimeError as error:  # query, key and value that cannot be concatenated
+        raise ValueError(f"{source}: the attention tensors do not fit together ({error})") from None
     _check_shapes(source, _meta_model(source, BertModel, config), {n: tuple(t.shape) for n, t in mapped.items()},
                   {n: header[n][1] for n in meta.read}, allowed_missing={"pooler.weight", "pooler.bias"})
     hf = safetensors.torch.load_file(str(folder / "model.safetensors"))
@@ -276,7 +278,7 @@ def _gguf_reader(path: Path):
                              f"{following[2]} at byte {following[0]}: its header claims more than the file holds")
     for t in reader.tensors:
         kind = t.tensor_type.name
-        if kind.startswith("I"):
+        if kind in ("I8", "I16", "I32", "I64"):  # (the IQ* types are quantised floats)
             raise ValueError(f"load_gguf_llama: {path}: tensor {t.name} holds integers ({kind}), not weights")
     return reader
 
@@ -325,13 +327,15 @@ def load_gguf_llama(path: str | Path, *, device=None, dtype=torch.float32) -> GP
     if "token_embd.weight" not in infos:
         raise ValueError(f"{source} lacks the tensor token_embd.weight")
     shapes = {name: tuple(reversed(t.shape.tolist())) for name, t in infos.items()}
+    if len(shapes["token_embd.weight"]) != 2:
+        raise ValueError(f"{source}: token_embd.weight has shape {shapes['token_embd.weight']}, not (vocab, width)")
     config = _config_from(source, GPTConfig, {**GPT_SIZES_LLAMA, **dict(
         vocab_size=shapes["token_embd.weight"][0], max_positions=field("llama.context_length"),
         embed_dim=field("llama.embedding_length"), num_layers=field("llama.block_count"),
         num_heads=field("llama.attention.head_count"),
         num_kv_heads=field("llama.attention.head_count_kv", field("llama.attention.head_count")),
         hidden_dim=field("llama.feed_forward_length"), eps=field("llama.attention.layer_norm_rms_epsilon"),
-        rope_base=float(field("llama.rope.freq_base", 10000.0)), tie_embeddings="output.weight" not in infos)})
+        rope_base=field("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in infos)})
     _check_layers(source, config.num_layers, infos, "blk.")
     meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
     try:

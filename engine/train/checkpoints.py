@@ -4,8 +4,9 @@ A checkpoint is a folder ``step-N`` (model.safetensors, state.pt) written under 
 unique to the process, fsynced, renamed, and published by atomically replacing the ``latest``
 file; only then are older ones deleted. A checkpoint whose weights are not finite is never
 written. ``latest`` must name a complete ``step-<digits>`` folder of this run; anything else (a
-missing, garbled or foreign pointer) falls back to the newest complete checkpoint with a warning,
-and a folder that holds an earlier run's records but no usable checkpoint is refused, never wiped.
+missing, garbled or foreign pointer) falls back to the newest complete checkpoint with a warning;
+a pointer with no checkpoint left is refused, and the records of a run that ended before its
+first checkpoint are kept aside, never wiped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -33,10 +35,15 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename (a temporary name unique to this process)."""
+    """Replace ``path`` with ``text`` in one rename (a temporary name unique to this process),
+    fsynced before and after, so a crash leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with tmp.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class RunLock:
@@ -116,8 +123,9 @@ class Checkpoints:
         """The checkpoint to resume from, or None for a new run.
 
         ``latest`` must name a complete step-<digits> folder of this run. A missing, unreadable or
-        foreign pointer falls back to the newest complete checkpoint (with a warning); with none,
-        a folder holding an earlier run's pointer or records is refused (RuntimeError), not wiped."""
+        foreign pointer falls back to the newest complete checkpoint (with a warning). With none, a
+        pointer is refused (RuntimeError); records of a run that ended before its first checkpoint
+        are renamed aside (metrics.jsonl.before-<time>) and the run starts over."""
         pointer = self.out_dir / "latest"
         named = None
         if pointer.exists():
@@ -133,12 +141,22 @@ class Checkpoints:
             warnings.warn(f"{pointer} {problem}; resuming from the newest complete checkpoint, {newest.name}",
                           RuntimeWarning, stacklevel=2)
             return newest
-        found = [p.name for p in sorted(self.out_dir.iterdir()) if p.name not in ("lock",)] \
-            if self.out_dir.exists() else []
-        if named is not None or (self.out_dir / "metrics.jsonl").exists():
-            raise RuntimeError(f"{self.out_dir} holds an earlier run ({', '.join(found)}) but no complete checkpoint "
-                               "to resume from; it is left as it is: remove it or choose another train.out_dir")
+        if named is not None:
+            found = [p.name for p in sorted(self.out_dir.iterdir()) if p.name != "lock"]
+            raise RuntimeError(f"{pointer} names {named!r}, but {self.out_dir} holds no complete checkpoint "
+                               f"({', '.join(found)}); it is left as it is: remove it or choose another train.out_dir")
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.stat().st_size:  # a run that ended before its first checkpoint
+            kept = metrics.with_name(f"metrics.jsonl.before-{int(time.time())}")
+            os.replace(metrics, kept)
+            warnings.warn(f"{self.out_dir} holds the records of a run that ended before its first checkpoint; "
+                          f"they are kept as {kept.name} and this run starts from step 0", RuntimeWarning, stacklevel=2)
         return None
+
+    def remove_temporary(self) -> None:
+        """Delete what interrupted writes left (any process's: the caller holds the run's lock)."""
+        for stale in [*self.out_dir.glob(".step-*.tmp*"), *self.out_dir.glob(".*.tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     def save(self, step: int, model, optimizer, scheduler, scaler, stream, device: torch.device,
              config=None) -> Path:
@@ -165,7 +183,7 @@ class Checkpoints:
             for path in tmp.iterdir():
                 with path.open("rb") as file:
                     os.fsync(file.fileno())
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        except Exception as error:  # OSError; RuntimeError from torch.save, SafetensorError from safetensors
             shutil.rmtree(tmp, ignore_errors=True)
             kept = self.latest_published()
             raise RuntimeError(f"checkpoint {name}: writing {writing} failed ({error}); is the disk full or "

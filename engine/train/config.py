@@ -12,9 +12,9 @@ from engine.settings import check_types, field_kind, require, require_finite, re
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
-# Settings a resumed run must keep: they shape the optimizer's trajectory (a resume would not be exact).
-RESUME_FIXED = ("batch_size", "grad_accumulation", "lr", "weight_decay", "decay_embeddings", "warmup_steps",
-                "min_lr_ratio", "max_grad_norm", "precision", "seed", "on_nonfinite")
+# Settings a resumed run must keep: the data order, the optimizer's groups and state, the numerics.
+# The others apply from the resumed step on, and the run says so (lr, the schedule, clipping, ...).
+RESUME_FIXED = ("batch_size", "grad_accumulation", "weight_decay", "decay_embeddings", "precision", "seed")
 
 
 def _help(text: str) -> dict:
@@ -61,6 +61,12 @@ class TrainConfig:
         require(self, "on_nonfinite", self.on_nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}",
                 self.on_nonfinite)
         require(self, "backend", self.backend in ("auto", "triton", "torch"), "auto, triton or torch", self.backend)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"TrainConfig: device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
+                                 f"got {self.device!r}") from None
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"TrainConfig: checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
                              f"({self.log_every}), so a resumed run logs the same windows")
@@ -72,11 +78,12 @@ class TrainConfig:
 
 
 def _parse(name: str, field: dataclasses.Field, current, raw: str):
-    """``raw`` as the type of the field's current value."""
+    """``raw`` as the type of the field's default (or, without one, of its annotation)."""
     text = raw.strip()
     if "None" in str(field.type) and text.lower() in ("null", "none"):
         return None
-    kind = field_kind(field, current)
+    default = field.default if field.default is not dataclasses.MISSING else current
+    kind = field_kind(field, default)
     if kind is bool:
         if text.lower() in ("true", "yes", "on", "1"):
             return True
@@ -85,15 +92,19 @@ def _parse(name: str, field: dataclasses.Field, current, raw: str):
         raise ValueError(f"setting {name}: expected true or false, got {raw!r}")
     if kind in (int, float):
         try:
-            number = float(text)
+            return int(text) if kind is int else float(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)  # 1e1 for an int
         except ValueError:
             raise ValueError(f"setting {name}: expected a number, got {raw!r}") from None
-        if kind is int:
-            if not number.is_integer():
-                raise ValueError(f"setting {name}: expected a whole number, got {raw!r}")
-            return int(number)
-        return number
-    return raw
+        if kind is float:
+            return number
+        if not number.is_integer():
+            raise ValueError(f"setting {name}: expected a whole number, got {raw!r}")
+        return int(number)
+    return text
 
 
 def config_from_args(config, overrides: list[str]):
@@ -109,6 +120,8 @@ def config_from_args(config, overrides: list[str]):
         head, dot, rest = key.partition(".")
         if head not in fields or (dot and not dataclasses.is_dataclass(getattr(config, head))):
             raise ValueError(f"unknown setting {item!r}; settings: {sorted(fields)} (nested: train.<field>)")
+        if not dot and dataclasses.is_dataclass(getattr(config, head)):
+            raise ValueError(f"setting {item!r}: {head} is a group of settings; set its fields as {head}.<field>=...")
         if not equals:
             raise ValueError(f"setting {item!r} has no value: write {key}=<value>")
         if dot:

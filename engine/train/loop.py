@@ -26,7 +26,7 @@ from engine import backend
 from engine.optim import FusedAdamW, clip_grad_norm_
 from engine.train.checkpoints import Checkpoints, RunLock, nonfinite_tensors
 from engine.train.config import RESUME_FIXED, TrainConfig
-from engine.train.parallel import global_mean, unwrap
+from engine.train.parallel import from_rank_zero, global_mean, unwrap
 from engine.train.records import MetricsLog, plot_loss
 
 
@@ -125,14 +125,23 @@ def _check_resume(config: TrainConfig, saved: dict | None, step: int, out_dir: P
     refused = [f"train.{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key in RESUME_FIXED]
     if refused:
         raise RuntimeError(f"{out_dir} holds a run at step {step} whose settings differ: {', '.join(refused)}; a "
-                           "resumed run keeps them (restore them), or start a new one in another train.out_dir")
+                           "resumed run keeps its data order, optimizer groups and numerics (restore them), or "
+                           "start a new one in another train.out_dir")
     if config.steps < step:
         raise RuntimeError(f"train.steps={config.steps}, but the run in {out_dir} is at step {step} already; raise "
                            "train.steps to continue it, or use another train.out_dir")
     applied = [f"train.{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key != "out_dir"]
     if applied:
-        _say(rank, f"resuming with changed settings: {', '.join(applied)}"
-                   + (" (the cosine schedule now ends at the new step count)" if "steps" in changed else ""))
+        _say(rank, f"resuming with changed settings, applied from step {step} on: {', '.join(applied)}")
+
+
+def _apply_lr(scheduler, lr: float) -> None:
+    """Make ``lr`` the base of a resumed schedule (a checkpoint restores the base it was saved with)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def train(
@@ -179,13 +188,18 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
     stream = BatchStream(train_data, config.batch_size, collate, config.seed)
     stream.rank, stream.world = rank, world
     checkpoints = Checkpoints(out_dir)
+    latest = None
+    if rank == 0:  # one process reads (and may tidy) the folder; the others follow its answer
+        checkpoints.remove_temporary()
+        latest = checkpoints.latest()
+    latest = from_rank_zero(latest, world)
     start = 0
-    latest = checkpoints.latest()
     if latest is not None:
         state = checkpoints.load(latest, unwrap(model), optimizer, scheduler, scaler, stream, device)
         start = state["step"]
         _say(rank, f"resuming from {latest.name} in {out_dir}" + (": the run is complete" if start == config.steps else ""))
         _check_resume(config, state.get("config"), start, out_dir, rank)
+        _apply_lr(scheduler, config.lr)  # the same lr when unchanged: a no-op
     log = MetricsLog(out_dir / "metrics.jsonl", keep_until=start) if rank == 0 else None
     for module in model.modules():
         if hasattr(type(module), "activation_checkpointing"):
@@ -218,8 +232,8 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                 kept = checkpoints.latest_published()
                 raise NonFiniteError(
                     f"step {done}: the {' and '.join(f'{k} is {v}' for k, v in nonfinite.items())}; the run stops "
-                    f"(train.on_nonfinite=stop) and {kept.name if kept else 'no checkpoint'} is kept. Lower "
-                    "train.lr, or set train.on_nonfinite=skip to skip such steps")
+                    f"(train.on_nonfinite=stop) and {kept.name if kept else 'no checkpoint'} is kept. Rerun with a "
+                    "lower train.lr, or with train.on_nonfinite=skip to skip such steps: either applies on resume")
             if nonfinite and not scaler.is_enabled():
                 skipped += 1  # skip: no update; the schedule moves on, as under GradScaler
             else:
@@ -254,6 +268,7 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                     raise NonFiniteError(f"step {done}: weights {', '.join(bad[:5])} are not finite; no checkpoint "
                                          "is written and the last finite one is kept. Lower train.lr")
                 if rank == 0:
+                    log.sync()  # no record of a published step is lost to a crash
                     checkpoints.save(done, unwrap(model), optimizer, scheduler, scaler, stream, device, config)
             if world > 1:
                 torch.distributed.barrier()

@@ -38,5 +38,14 @@ def global_mean(value: torch.Tensor, world: int) -> float:
     return value.item()
 
 
+def from_rank_zero(value, world: int):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself with one process."""
+    if world == 1:
+        return value
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

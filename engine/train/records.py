@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from engine.train.checkpoints import write_atomically
 
 
+def _strict(value):
+    """``value`` with every non-finite float (in nested lists and dicts too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
 def strict_record(record: dict) -> dict:
-    """``record`` with NaN and inf replaced by null, their keys listed under "nonfinite"."""
-    nonfinite = [key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
-    if not nonfinite:
-        return record
-    return {**{key: None if key in nonfinite else value for key, value in record.items()}, "nonfinite": nonfinite}
+    """``record`` with NaN and inf replaced by null (nested values too), the keys that held them
+    listed under "nonfinite"."""
+    strict = {key: _strict(value) for key, value in record.items() if key != "nonfinite"}
+    nonfinite = sorted(set(record.get("nonfinite", [])) |
+                       {key for key in record if key != "nonfinite" and strict[key] != record[key]})
+    return {**strict, "nonfinite": nonfinite} if nonfinite else strict
 
 
 def _parse_lines(path: Path) -> tuple[list[dict], str | None]:
@@ -27,12 +40,16 @@ def _parse_lines(path: Path) -> tuple[list[dict], str | None]:
         if not line:
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):
-                return records, line
-            raise RuntimeError(f"{path}: line {number} is not a JSON record ({line[:60]!r}); the file was "
-                               "changed by something other than the training loop") from None
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+            continue
+        if number == len(lines):
+            return records, line
+        raise RuntimeError(f"{path}: line {number} is not a record of a step ({line[:60]!r}); the file was "
+                           "changed by something other than the training loop")
     return records, None
 
 
@@ -49,7 +66,11 @@ class MetricsLog:
             if torn is not None:
                 print(f"{path}: dropped a torn last line ({len(torn)} characters) an interrupted write left",
                       file=sys.stderr)
-            kept = [r for r in records if keep_until is not None and r["step"] <= keep_until]
+            kept = [strict_record(r) for r in records if keep_until is not None and r["step"] <= keep_until]
+        if keep_until and (not kept or kept[-1]["step"] < keep_until):
+            last = kept[-1]["step"] if kept else 0
+            print(f"{path}: the records end at step {last}, the checkpoint is at step {keep_until}: steps "
+                  f"{last + 1}..{keep_until} have no records (lost before they reached the disk)", file=sys.stderr)
         write_atomically(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
@@ -59,6 +80,11 @@ class MetricsLog:
                 file.write(line)
         except OSError as error:
             raise RuntimeError(f"appending to {self.path} failed: {error.strerror or error}") from error
+
+    def sync(self) -> None:
+        """Flush the records to the disk (before a checkpoint is published, so none fall behind it)."""
+        with self.path.open("a") as file:
+            os.fsync(file.fileno())
 
     def records(self) -> list[dict]:
         return _parse_lines(self.path)[0]

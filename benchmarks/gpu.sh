@@ -52,11 +52,12 @@ PY
 device_class="$(sed -n 's/^device class //p' "$out/setup.txt")"
 
 if [ -z "$only_compile" ]; then
-  # Kernels, ops, modules and the optimizer on CUDA; Triton compiles each kernel variant on first
-  # use (hundreds of variants, about a second each), so the tests run in 12 processes with pytest-xdist.
+  # Kernels, ops, modules, the optimizer and torch.compile (Inductor over the triton_ops) on CUDA;
+  # Triton compiles each kernel variant on first use (hundreds of variants, about a second each),
+  # so the tests run in 12 processes with pytest-xdist.
   workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 12")
   limited 200 "$py" -m pytest "$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/nn" "$repo/tests/optim" \
-    -c "$repo/pyproject.toml" --rootdir "$repo" -q -p no:cacheprovider $workers -rfE \
+    "$repo/tests/test_compile.py" -c "$repo/pyproject.toml" --rootdir "$repo" -q -p no:cacheprovider $workers -rfE \
     --ignore "$repo/tests/kernels/test_cross_compile.py" > "$out/tests.txt" 2>&1
   echo "tests exit code $?" >> "$out/tests.txt"
   select="not compile"

@@ -76,23 +76,21 @@ def warn_fallback(what: str, reason: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-_kernels: ModuleType | None = None
 _kernels_error: str | None = None
 
 
 def kernels() -> ModuleType:
-    """The ``engine.kernels`` module, imported on first use; raises if Triton is unusable."""
-    global _kernels, _kernels_error
-    if _kernels is None and _kernels_error is None:
+    """The ``engine.kernels`` module, imported on first use; raises if Triton is unusable. (An
+    import statement, not a cached module global: torch.compile traces it as a constant.)"""
+    global _kernels_error
+    if _kernels_error is None:
         try:
             from engine import kernels as module
         except ImportError as error:  # no triton on this platform
             _kernels_error = f"Triton kernels unavailable ({error})"
         else:
-            _kernels = module
-    if _kernels is None:
-        raise RuntimeError(_kernels_error)
-    return _kernels
+            return module
+    raise RuntimeError(_kernels_error)
 
 
 def _kernels_importable() -> bool:

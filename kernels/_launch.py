@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, is_fake
+from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
 from engine.backend import interpreting
@@ -23,9 +25,19 @@ def _on_device_of(args: tuple):
 
 
 def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
-    """Launch ``kernel`` on ``grid`` on its tensors' device and count it under ``name``."""
-    with _on_device_of(args):
+    """Launch ``kernel`` on ``grid`` on its tensors' device and count it under ``name``.
+
+    On a GPU the launch goes through ``wrap_triton``: inside the engine's ``triton_op``s that lets
+    torch.compile trace the kernel itself (outside tracing it is the kernel). Under the
+    interpreter the ops are opaque ``custom_op``s whose shape functions run these launchers on
+    fake tensors: then nothing is launched."""
+    if interpreting():
+        if isinstance(next(a for a in args if isinstance(a, torch.Tensor)), FakeTensor):
+            return
         kernel[grid](*args, **meta)
+    else:
+        with _on_device_of(args):
+            wrap_triton(kernel)[grid](*args, **meta)
     record(name)
 
 
@@ -59,7 +71,7 @@ def tile_counter(device: torch.device) -> torch.Tensor | None:
 
 
 def record_tiles(name: str, counter: torch.Tensor | None) -> None:
-    if counter is not None:
+    if counter is not None and not is_fake(counter):  # traced or shape-only calls count nothing
         TILES[name] += int(counter.item())
 
 
@@ -75,10 +87,19 @@ def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tu
     Triton checks shared memory when a compiled program is first loaded and raises
     OutOfResources before anything runs; the next tile is tried then, and the choice is kept per
     launch name, device, compile-time arguments, dtypes and tile list. ``grid(tile)`` gives the grid.
+    A launch traced by torch.compile (nothing is compiled while tracing) takes the tile an eager
+    launch of the same key found fitting, else the first.
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(t.dtype for t in tensors),
            tuple(tuple(tile.items()) for tile in tiles))
+    if is_fake(tensors[0]):  # traced by torch.compile (or shapes only): recorded, not compiled, here
+        try:
+            tile = tiles[FITTING_TILE.get(key, 0)]
+        except TypeError:  # a symbolic (dynamic-shape) compile-time argument: no eager launch had it
+            tile = tiles[0]
+        launch(name, kernel, grid(tile), *args, **meta, **tile)
+        return
     for index in range(FITTING_TILE.get(key, 0), len(tiles)):
         try:
             launch(name, kernel, grid(tiles[index]), *args, **meta, **tiles[index])

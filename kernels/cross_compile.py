@@ -138,7 +138,8 @@ def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "
     def run():
         batch, seq = 2, 128
         q, k, v = (torch.randn(batch, h, seq, head_dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
-        options = dict(scale=head_dim ** -0.5, causal=causal, dropout_p=dropout_p, seed=1)
+        options = dict(scale=head_dim ** -0.5, causal=causal, dropout_p=dropout_p,
+                       seed=torch.ones(1, dtype=torch.int64))
         if mask == "bool":
             options["mask"] = torch.ones(batch, 1, 1, seq, dtype=torch.bool)
         elif mask == "additive":
@@ -175,7 +176,8 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     found["attention bfloat16 head_dim 128, GQA 8/2, bottom-right, additive mask"] = _attention_case(
         128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="additive")
     found["attention float16 head_dim 64, packed variable lengths"] = _attention_case(64, torch.float16, varlen=True)
-    found["attention dropout mask"] = lambda: dropout_keep_mask(1, 2, 2, 128, 128, 0.1, torch.device("cpu"))
+    found["attention dropout mask"] = lambda: dropout_keep_mask(torch.ones(1, dtype=torch.int64), 2, 2, 128, 128, 0.1,
+                                                                         torch.device("cpu"))
     return found
 
 

@@ -329,11 +329,12 @@ def _column_sum_kernel(
 _BLOCK_BYTES = 65536  # widest row block kept in registers
 
 
-def _tiling(rows: int, width: int, element_size: int) -> dict:
-    """Block sizes and warps for (rows, width) tiles: rows share a tile when the width is small."""
+def _tiling(width: int, element_size: int) -> dict:
+    """Block sizes and warps for rows of ``width``: rows share a tile when the width is small. The
+    row count plays no part, so a traced call (torch.compile) keeps it dynamic: no guard on it."""
     block_n = min(triton.next_power_of_2(width), _BLOCK_BYTES // element_size)
     tile_elements = 16384 if interpreting() else 4096  # fewer, larger programs suit the interpreter
-    block_m = min(max(1, tile_elements // block_n), triton.next_power_of_2(rows))
+    block_m = max(1, tile_elements // block_n)
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -344,7 +345,7 @@ def _tiling(rows: int, width: int, element_size: int) -> dict:
 
 def column_blocks(width: int, dtype: torch.dtype) -> int:
     """How many column blocks one row of ``width`` elements of ``dtype`` is split into."""
-    return triton.cdiv(width, _tiling(1, width, torch.empty((), dtype=dtype).element_size())["BLOCK_N"])
+    return triton.cdiv(width, _tiling(width, torch.empty((), dtype=dtype).element_size())["BLOCK_N"])
 
 
 def _unit_stride_rows(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -413,7 +414,7 @@ def norm_forward(
         if h is not None:
             torch.add(x, residual, out=h)
         return y, h, mean, rstd
-    tiling = _tiling(rows, width, max(x.element_size(), normed.element_size()))
+    tiling = _tiling(width, max(x.element_size(), normed.element_size()))
     launch(
         "rms_norm_fwd" if rms else "layer_norm_fwd",
         _norm_fwd_kernel,
@@ -466,7 +467,7 @@ def norm_backward(
             dx.copy_(dh)
         zeros = lambda dtype: torch.zeros(width, dtype=dtype, device=x.device)  # noqa: E731
         return dx, (zeros(weight.dtype) if weight is not None else None), (zeros(bias_dtype) if has_bias else None)
-    tiling = _tiling(rows, width, max(x.element_size(), dy.element_size()))
+    tiling = _tiling(width, max(x.element_size(), dy.element_size()))
     rows_per_program = triton.cdiv(rows, parallel_programs(x.device))
     rows_per_program = triton.cdiv(rows_per_program, tiling["BLOCK_M"]) * tiling["BLOCK_M"]
     programs = triton.cdiv(rows, rows_per_program)

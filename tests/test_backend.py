@@ -78,7 +78,6 @@ def test_auto_on_cuda_takes_kernels_unless_they_refuse():
 
 
 def test_missing_triton_warns_once_on_cuda_and_raises_when_strict(monkeypatch):
-    monkeypatch.setattr(backend, "_kernels", None)
     monkeypatch.setattr(backend, "_kernels_error", "Triton kernels unavailable (No module named 'triton')")
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.delenv("ENGINE_STRICT", raising=False)

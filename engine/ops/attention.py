@@ -30,43 +30,41 @@ CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 _PLAIN_TORCH_FUNCTION = (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
 
 
-def dropout_seed(generator: torch.Generator | None = None) -> int:
-    """The Philox seed for one attention call, drawn from PyTorch's (CPU) generator."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+def dropout_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Philox seed for one attention call: a (1,) int64 tensor on ``device``, drawn from
+    ``generator`` (default: the device's) without a host round trip; a CPU generator's draw is
+    copied over."""
+    where = device if generator is None else generator.device
+    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where).to(device)
 
 
-class _FlashAttention(torch.autograd.Function):
-    """Saves q, k, v, the output and the (B, H, Sq) log-sum-exp (with its low part when there is
-    an additive mask): memory linear in Sq."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                max_seqlen_k):
-        packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                      max_seqlen_k=max_seqlen_k)
-        out, lse, lse_lo = backend.kernels().attention_forward(
-            q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, **packed
-        )
-        ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k)
-        ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, seed=seed, max_seqlen_q=max_seqlen_q,
-                           max_seqlen_k=max_seqlen_k)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
-            grads = _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_k)
-        else:
-            grads = backend.kernels().attention_backward(
-                dout, q, k, v, out, lse, lse_lo=lse_lo, mask=mask, cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_k=cu_seqlens_k, **ctx.options,
-            )
-        return *grads, *([None] * 9)
+def setup_attention_backward(ctx, inputs, output) -> None:
+    """torch.ops.engine.attention_fwd's autograd context (registered by engine.ops.library). Saves
+    q, k, v, the output and the log-sum-exp (with its low part when there is an additive
+    mask): memory linear in Sq."""
+    q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = inputs
+    out, lse, lse_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q,
+                       max_seqlen_k=max_seqlen_k)
+    ctx.mark_non_differentiable(lse, lse_lo)
 
 
-def _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_k) -> list:
+def attention_backward(ctx, dout, _dlse, _dlse_lo):
+    """torch.ops.engine.attention_fwd's backward: the attention_bwd kernel, or the eager reference
+    under create_graph."""
+    q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
+        grads = _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k)
+    else:
+        o = ctx.options
+        grads = torch.ops.engine.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"],
+                                               o["dropout_p"], seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"],
+                                               o["max_seqlen_k"])
+    return *grads, *([None] * 9)
+
+
+def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k) -> list:
     """dq, dk, dv as torch ops of the saved inputs (connected to the graph under create_graph):
     the eager reference recomputes the forward, with the kernel's own dropout mask."""
     o = ctx.options
@@ -75,14 +73,14 @@ def _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_
     if cu_seqlens_q is None:
         keep = None
         if o["dropout_p"] > 0:
-            keep = backend.kernels().dropout_keep_mask(o["seed"], q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+            keep = backend.kernels().dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
                                                        o["dropout_p"], q.device)
         out, _ = attention_reference(q, k, v, causal=o["causal"], attn_mask=mask, scale=o["scale"],
                                      dropout_keep=keep, dropout_p=o["dropout_p"])
     else:
         keep = None
         if o["dropout_p"] > 0:
-            keep = _varlen_keep_masks(o["seed"], q.shape[1], cu_seqlens_q, cu_seqlens_k, o["max_seqlen_k"],
+            keep = _varlen_keep_masks(seed, q.shape[1], cu_seqlens_q, cu_seqlens_k, o["max_seqlen_k"],
                                       o["dropout_p"], q.device)
         out, _ = varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=o["causal"], scale=o["scale"],
                                   dropout_p=o["dropout_p"], dropout_keep=keep)
@@ -92,7 +90,7 @@ def _differentiable_backward(ctx, dout, q, k, v, mask, cu_seqlens_q, cu_seqlens_
     return [next(grads) if need else None for need in needed]
 
 
-def _varlen_keep_masks(seed: int, heads: int, cu_seqlens_q, cu_seqlens_k, max_seqlen_k: int, dropout_p: float,
+def _varlen_keep_masks(seed: torch.Tensor, heads: int, cu_seqlens_q, cu_seqlens_k, max_seqlen_k: int, dropout_p: float,
                        device) -> list[torch.Tensor]:
     """Per sequence b, the (1, Hq, Sq_b, Sk_b) keep mask the packed kernel applied: seeds
     seed + b * Hq + head, rows numbered by packed token, max_seqlen_k keys per row."""
@@ -103,6 +101,13 @@ def _varlen_keep_masks(seed: int, heads: int, cu_seqlens_q, cu_seqlens_k, max_se
                                                    dropout_p, device)
         masks.append(rows[:, :, starts_q[b]:, :starts_k[b + 1] - starts_k[b]])
     return masks
+
+
+def _fused_attention(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.ops.engine.attention_fwd(*args): (out, lse, lse_lo or absent)."""
+    from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
+
+    return library.attention_fwd(*args)
 
 
 def _is_plain(t: torch.Tensor) -> bool:
@@ -245,9 +250,9 @@ def flash_attention(
         out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
                                        dropout_keep=keep, dropout_p=dropout_p)
     else:
-        seed = dropout_seed(generator) if dropout_p > 0 else 0
-        out, lse = _FlashAttention.apply(query, key, value, mask, scale, alignment, dropout_p, seed,
-                                         None, None, None, None)
+        seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
+        out, lse, _ = _fused_attention(query, key, value, mask, scale, alignment, dropout_p, seed,
+                                       None, None, None, None)
     return (out, lse) if return_lse else out
 
 
@@ -314,9 +319,9 @@ def flash_attn_varlen(
         out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
                                     dropout_p=dropout_p, generator=generator)
     else:
-        seed = dropout_seed(generator) if dropout_p > 0 else 0
-        out, lse = _FlashAttention.apply(query, key, value, None, scale, alignment, dropout_p, seed,
-                                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
+        out, lse, _ = _fused_attention(query, key, value, None, scale, alignment, dropout_p, seed,
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return (out, lse) if return_lse else out
 
 
@@ -400,7 +405,7 @@ def scaled_dot_product_attention(
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     mask = None if mask is None else _sdpa_mask_4d(mask, query, key)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    seed = dropout_seed() if dropout_p > 0 else 0
-    out, _ = _FlashAttention.apply(_as_4d(query), _as_4d(key), _as_4d(value), mask, scale, alignment, dropout_p,
-                                   seed, None, None, None, None)
+    seed = dropout_seed(query.device) if dropout_p > 0 else None
+    out, _, _ = _fused_attention(_as_4d(query), _as_4d(key), _as_4d(value), mask, scale, alignment,
+                                 dropout_p, seed, None, None, None, None)
     return out.view(query.shape)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

@@ -83,34 +83,34 @@ def _choose(op: str, *tensors: torch.Tensor | None) -> str:
     return backend.choose(op, tensors[0].device, refusal)
 
 
-class _NormFunction(torch.autograd.Function):
-    """Rows (M, N) -> normalised rows, plus the residual sum when a residual is given."""
+def setup_norm_backward(ctx, inputs, output) -> None:
+    """torch.ops.engine.norm_fwd's autograd context (registered by engine.ops.library)."""
+    x, residual, weight, bias, eps, rms, offset, casting_mode, _, act_dtype, _ = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
+    ctx.rms, ctx.eps, ctx.options = rms, eps, dict(offset=offset, casting_mode=casting_mode, act_dtype=act_dtype)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.input_dtype = x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, rms, options):
-        y, h, mean, rstd = backend.kernels().norm_forward(x, weight, bias, residual, eps=eps, rms=rms, **options)
-        ctx.save_for_backward(x if h is None else h, weight, mean, rstd)
-        ctx.rms, ctx.eps, ctx.options = rms, eps, options
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.input_dtype = x.dtype
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.set_materialize_grads(False)
-        return y if h is None else (y, h)
 
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        normed, weight, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
-            dx, dweight, dbias = _differentiable_backward(ctx, dy, dh, normed, weight)
-        else:
-            if dy is None:
-                dy = torch.zeros_like(normed)
-            dx, dweight, dbias = backend.kernels().norm_backward(
-                dy, normed, weight, mean, rstd, dh, bias_dtype=ctx.bias_dtype, rms=ctx.rms,
-                offset=ctx.options["offset"],
-            )
-        dresidual = None if ctx.residual_dtype is None or dx is None else dx.to(ctx.residual_dtype)
-        return None if dx is None else dx.to(ctx.input_dtype), dresidual, dweight, dbias, None, None, None
+def norm_backward(ctx, dy, dh, _dmean, _drstd):
+    """torch.ops.engine.norm_fwd's backward: the norm_bwd kernel, or the eager reference under create_graph."""
+    normed, weight, mean, rstd = ctx.saved_tensors
+    dh = None if ctx.residual_dtype is None else dh  # without a residual, h is an absent placeholder
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
+        dx, dweight, dbias = _differentiable_backward(ctx, dy, dh, normed, weight)
+    else:
+        if dy is None:
+            dy = torch.zeros_like(normed)
+        dx, dweight, dbias = torch.ops.engine.norm_bwd(dy, normed, weight, mean, rstd, dh, ctx.bias_dtype, ctx.rms,
+                                                       ctx.options["offset"])
+        dweight = None if weight is None else dweight
+        dbias = None if ctx.bias_dtype is None else dbias
+    dresidual = None if ctx.residual_dtype is None or dx is None else dx.to(ctx.residual_dtype)
+    return None if dx is None else dx.to(ctx.input_dtype), dresidual, dweight, dbias, *([None] * 7)
 
 
 def _differentiable_backward(ctx, dy, dh, normed, weight) -> tuple:
@@ -147,11 +147,12 @@ def _fused_norm(input, residual, shape, weight, bias, eps, rms, *, offset=0.0, c
     width, rows = math.prod(shape), math.prod(input.shape[:input.dim() - len(shape)])
     weight = None if weight is None else weight.reshape(width)
     bias = None if bias is None else bias.reshape(width)
-    options = dict(offset=offset, casting_mode=casting_mode, h_dtype=h_dtype, act_dtype=act_dtype, out_dtype=out_dtype)
-    out = _NormFunction.apply(_rows(input, rows, width), _rows(residual, rows, width), weight, bias, eps, rms, options)
+    from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
+
+    y, h, _, _ = library.norm_fwd(_rows(input, rows, width), _rows(residual, rows, width), weight, bias,
+                                           eps, rms, offset, casting_mode, h_dtype, act_dtype, out_dtype)
     if residual is None:
-        return out.view(input.shape)
-    y, h = out
+        return y.view(input.shape)
     return y.view(input.shape), h.view(input.shape)
 
 

@@ -60,7 +60,7 @@ def _attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads, group_size, num_kv_heads,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
-    sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
+    sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
@@ -117,7 +117,7 @@ def _attn_bwd_dkdv_kernel(
             p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed + bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+                keep = _dropout_keep(Seed, bh, q_start + rows, cols, max_seqlen_k, dropout_p)
                 p_dropped = tl.where(keep, p * dropout_scale, 0.0)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             else:
@@ -150,7 +150,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads, group_size,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
-    sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
+    sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
@@ -200,7 +200,7 @@ def _attn_bwd_dq_kernel(
         p = _probabilities(s, lse, lse_lo, NATURAL)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+            keep = _dropout_keep(Seed, pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -224,7 +224,7 @@ def attention_backward(
     causal: str | None = None,
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
@@ -237,7 +237,7 @@ def attention_backward(
     if layout.empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
     mask, mask_strides, mask_is_bool = mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, seed, layout, q.dtype)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)

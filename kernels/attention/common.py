@@ -110,14 +110,15 @@ def _probabilities(
 
 @triton.jit
 def _dropout_keep(
-    seed,  # Philox seed for this (batch, head): the call's seed + batch * heads + head
+    Seed,  # (1,) int64: the call's Philox seed, read on the device (no host round trip)
+    stream,  # this (batch, head)'s stream: the seed is offset by batch * heads + head
     rows, cols,  # (BLOCK_M,) query and (BLOCK_N,) key positions
     seqlen_k,  # keys per row (the longest sequence for packed batches)
     dropout_p,
 ):
     """(BLOCK_M, BLOCK_N) booleans: True where the probability is kept."""
     offsets = rows.to(tl.int64)[:, None] * seqlen_k + cols[None, :]  # 64-bit: no wrap for long sequences
-    return tl.rand(seed, offsets) >= dropout_p
+    return tl.rand(tl.load(Seed) + stream, offsets) >= dropout_p
 
 
 @triton.jit
@@ -175,7 +176,8 @@ def _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, IS_CAUSAL: 
 @triton.jit
 def _dropout_mask_kernel(
     Keep,  # (B * H, Sq, Sk) bool out: the forward's keep mask
-    num_heads, seqlen_q, seqlen_k, dropout_p, seed,
+    Seed,  # (1,) int64 Philox seed
+    num_heads, seqlen_q, seqlen_k, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
@@ -183,7 +185,7 @@ def _dropout_mask_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed + pid_bh, rows, cols, seqlen_k, dropout_p)
+        keep = _dropout_keep(Seed, pid_bh, rows, cols, seqlen_k, dropout_p)
         offsets = (pid_bh.to(tl.int64) * seqlen_q + rows.to(tl.int64)[:, None]) * seqlen_k + cols[None, :]
         tl.store(Keep + offsets, keep, mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
@@ -321,9 +323,12 @@ def mask_args(mask: torch.Tensor | None, layout: Layout) -> tuple:
     return expanded, tuple(expanded.stride()), is_bool
 
 
-def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
-          dtype: torch.dtype) -> dict:
-    """The compile-time arguments every attention kernel takes."""
+def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float,
+          seed: torch.Tensor | None, layout: Layout, dtype: torch.dtype) -> dict:
+    """The compile-time arguments every attention kernel takes (dropout needs its (1,) int64 seed)."""
+    if dropout_p > 0 and (seed is None or seed.shape != (1,) or seed.dtype != torch.int64):
+        raise ValueError(f"attention: dropout needs a (1,) int64 seed tensor, got "
+                         f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
     return dict(
         IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
@@ -338,11 +343,11 @@ def dropout_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
 
 
-def dropout_keep_mask(seed: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
                       device: torch.device) -> torch.Tensor:
-    """The (B, H, Sq, Sk) boolean keep mask that padded attention with this seed applies."""
+    """The (B, H, Sq, Sk) boolean keep mask that padded attention with this (1,) int64 seed applies."""
     keep = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     if keep.numel():
         launch("attention_dropout_mask", _dropout_mask_kernel, (batch * heads, triton.cdiv(seqlen_q, 64)),
-               keep, heads, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M=64, BLOCK_N=64)
+               keep, seed.to(device), heads, seqlen_q, seqlen_k, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return keep

@@ -32,7 +32,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,  # mask strides (0 where broadcast)
     num_heads, group_size,  # query heads, query heads per key/value head
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
-    sm_scale, dropout_p, dropout_scale, seed,  # dropout_scale: 1 / (1 - dropout_p), 0 when p = 1
+    sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
@@ -80,7 +80,7 @@ def _attn_fwd_kernel(
         alpha = _exp(m_i - m_safe, NATURAL)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed + pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+            keep = _dropout_keep(Seed, pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -115,7 +115,7 @@ def attention_forward(
     causal: str | None = None,
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
@@ -133,7 +133,7 @@ def attention_forward(
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
     mask, mask_strides, mask_is_bool = mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, seed, layout, q.dtype)
     lse_lo = layout.new_lse(q) if meta["NATURAL"] else None
     if layout.empty:
         out.zero_(), lse.fill_(float("inf"))

@@ -63,3 +63,17 @@ def test_the_choice_is_kept_per_tile_list():
 def test_no_fitting_tile_raises_naming_the_launch():
     with pytest.raises(RuntimeError, match="fake: no tile configuration fits this GPU"):
         _launch.launch_tiled("fake", FakeKernel(limit=16 * 1024), TILES, lambda tile: (1,), torch.zeros(4))
+
+
+def test_a_traced_launch_takes_the_tile_an_eager_launch_found_fitting(monkeypatch):
+    """Under torch.compile's tracing (fake tensors) nothing is compiled, so nothing can be tried."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _launch.launch_tiled("fake", FakeKernel(limit=80 * 1024), TILES, lambda tile: (1,), torch.zeros(4))  # 128 -> 64
+    tiles = []
+    monkeypatch.setattr(_launch, "launch", lambda name, kernel, grid, *args, **meta: tiles.append(meta["BLOCK_M"]))
+    with FakeTensorMode():
+        traced, other_dtype = torch.zeros(4), torch.zeros(4, dtype=torch.float16)
+    _launch.launch_tiled("fake", FakeKernel(limit=0), TILES, lambda tile: (1,), traced)
+    _launch.launch_tiled("fake", FakeKernel(limit=0), TILES, lambda tile: (1,), other_dtype)
+    assert tiles == [64, 128]  # the remembered tile; the first where nothing was learnt

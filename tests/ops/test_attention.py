@@ -162,7 +162,7 @@ def test_dropout_is_deterministic_given_a_seed():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keep_rate(p):
-    keep = dropout_keep_mask(1234, 2, 3, 128, 128, p, torch.device(KERNEL_DEVICE))
+    keep = dropout_keep_mask(torch.tensor([1234]), 2, 3, 128, 128, p, torch.device(KERNEL_DEVICE))
     rate = keep.float().mean().item()
     n = keep.numel()
     assert abs(rate - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
@@ -178,7 +178,7 @@ def test_dropout_backward_matches_forward_mask(dtype, causal):
     shape = (2, 4, 2, 37, 97, 64)
     q, k, v = attention_inputs(shape, dtype)
     p = 0.25
-    seed = dropout_seed(torch.Generator().manual_seed(11))
+    seed = dropout_seed(q.device, torch.Generator().manual_seed(11))
     keep = dropout_keep_mask(seed, 2, 4, 37, 97, p, q.device)
     alignment = {False: None}.get(causal, causal)
     launches = check_against_torch(

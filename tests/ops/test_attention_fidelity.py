@@ -201,7 +201,7 @@ def _double_backward_case(case):
         q, k, v = (torch.randn(sum(lens), 2, 32, generator=generator).to(KERNEL_DEVICE) for _ in range(3))
         cu = torch.tensor([0, 5, 42, 62], dtype=torch.int32, device=KERNEL_DEVICE)
         p = 0.2 if case == "varlen-dropout" else 0.0
-        seed = dropout_seed(torch.Generator().manual_seed(9))
+        seed = dropout_seed(q.device, torch.Generator().manual_seed(9))
         keep = [dropout_keep_mask(seed + b * 2, 1, 2, end, 37, p, q.device)[:, :, start:, :end - start]
                 for b, (start, end) in enumerate(zip(cu.tolist(), cu.tolist()[1:]))] if p else None
         return (lambda q, k, v: flash_attn_varlen(q, k, v, cu, cu, 37, 37, causal=True, dropout_p=p,
@@ -219,7 +219,7 @@ def _double_backward_case(case):
             "additive-mask": torch.randn(2, 1, 37, 50, generator=torch.Generator().manual_seed(1)).to(q.device)}
     options = dict(attn_mask=mask.get(case), causal="bottom_right" if case == "causal-gqa" else None)
     if case == "dropout":
-        keep = dropout_keep_mask(dropout_seed(torch.Generator().manual_seed(9)), 2, 4, 37, 50, 0.2, q.device)
+        keep = dropout_keep_mask(dropout_seed(q.device, torch.Generator().manual_seed(9)), 2, 4, 37, 50, 0.2, q.device)
         return (lambda q, k, v: flash_attention(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(9)),
                 lambda q, k, v: attention_reference(q, k, v, dropout_p=0.2, dropout_keep=keep)[0], (q, k, v))
     if case == "sdpa":

@@ -1,0 +1,198 @@
+"""torch.compile over the engine: its torch.library ops pass opcheck, and the engine's models and
+patched Hugging Face models compile with fullgraph=True (no graph break), give the eager engine's
+results and run the kernels, forward and backward. Under the interpreter the ops are opaque
+custom ops, so the "aot_eager" backend runs them (Inductor would compile the surrounding CPU code
+only); on a GPU the same tests use Inductor."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import engine
+from engine.models import GPT, BertConfig, BertModel, GPTConfig
+from engine.ops import library
+from engine.testing import attention_inputs, kernel_device, triton_launches
+
+DEVICE = kernel_device()
+COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"
+
+
+def _grad(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
+
+
+def _norm_cases():
+    x, w, b = _grad(6, 48), _grad(48), _grad(48)
+    half = _grad(6, 40, dtype=torch.float16)
+    return {
+        "layer_norm": (x, None, w, b, 1e-5, False, 0.0, "gemma", None, None, None),
+        "rms_norm without weight": (x, None, None, None, 1e-6, True, 0.0, "gemma", None, None, None),
+        "add_norm fp16, residual in fp32": (half, _grad(6, 40, dtype=torch.float16), _grad(40), None, 1e-6, True,
+                                            1.0, "llama", torch.float32, torch.float16, torch.float32),
+    }
+
+
+def _attention_cases():
+    q, k, v = (t.detach().requires_grad_() for t in attention_inputs((2, 4, 2, 19, 23, 32), torch.float32))
+    additive = torch.randn(2, 1, 19, 23, device=DEVICE)
+    keys = torch.ones(2, 1, 1, 23, dtype=torch.bool, device=DEVICE)
+    keys[1, ..., 15:] = False
+    seed = torch.tensor([7], device=DEVICE)
+    packed = [t.detach().transpose(1, 2).reshape(-1, t.shape[1], 32).requires_grad_() for t in (q, k, v)]
+    cu = torch.tensor([0, 11, 19], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)
+    plain = (q, k, v)
+    return {
+        "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None),
+        "key padding, bottom-right": (*plain, keys, 0.2, "bottom_right", 0.0, None, None, None, None, None),
+        "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None),
+        "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None),
+        "packed": (packed[0][:19], packed[1][:23], packed[2][:23], None, 0.2, "top_left", 0.0, None, cu, cu_k, 11, 14),
+    }
+
+
+@pytest.mark.parametrize("case", list(_norm_cases()))
+def test_norm_ops_pass_opcheck(case):
+    args = _norm_cases()[case]
+    torch.library.opcheck(library.norm_fwd, args)
+    x, residual, weight, bias, eps, rms, offset, _, _, _, _ = args
+    y, h, mean, rstd = library.norm_fwd(*args)
+    normed = x if residual is None else h
+    weight = None if weight is None else weight.detach()  # the backward op itself is not differentiated
+    torch.library.opcheck(library.norm_bwd, (torch.randn_like(y), normed.detach(), weight, mean, rstd,
+                                             None if residual is None else torch.randn_like(h), None if bias is None
+                                             else bias.dtype, rms, offset))
+
+
+@pytest.mark.parametrize("case", list(_attention_cases()))
+def test_attention_ops_pass_opcheck(case):
+    args = _attention_cases()[case]
+    torch.library.opcheck(library.attention_fwd, args)
+    out, lse, lse_lo = library.attention_fwd(*args)
+    q, k, v = (t.detach() for t in args[:3])
+    torch.library.opcheck(library.attention_bwd, (torch.randn_like(out), q, k, v, out.detach(), lse, lse_lo,
+                                                  *args[3:]))
+
+
+def _compiled_matches_eager(model, run, *, dynamic=None):
+    """run(model) under the kernels, eager then compiled: (eager result, compiled result, launches)."""
+    counters.clear()
+    torch._dynamo.reset()
+    with engine.use_backend("triton"):
+        expected = run(model)
+        compiled = torch.compile(model, backend=COMPILER, fullgraph=True, dynamic=dynamic)
+        with triton_launches() as launches:
+            got = run(compiled)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    return expected, got, launches
+
+
+def _train_step(batch, **labels):
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        out = model(*batch, **labels)
+        loss = out[1] if isinstance(out, tuple) else out.float().square().mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return run
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_gpt_training_step_compiles_whole(name):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named(name)).to(DEVICE)
+    ids = torch.randint(0, 256, (2, 24), device=DEVICE)
+    expected, got, launches = _compiled_matches_eager(model, _train_step((ids,), labels=ids))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    layers = model.config.num_layers
+    assert launches["attention_fwd"] == layers and launches["attention_bwd_dq"] == layers
+    assert launches["rms_norm_bwd" if name == "llama-tiny" else "layer_norm_bwd"] >= 2 * layers
+
+
+def test_gpt_with_dropout_compiles_whole_and_draws_a_fresh_mask_each_step():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named("tiny", dropout=0.2)).to(DEVICE)
+    ids = torch.randint(0, 256, (2, 24), device=DEVICE)
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=COMPILER, fullgraph=True)
+    with engine.use_backend("triton"), triton_launches() as launches:
+        losses = [compiled(ids, labels=ids)[1] for _ in range(2)]
+    assert not counters["graph_break"]
+    assert launches["attention_fwd"] == 2 * model.config.num_layers
+    assert losses[0].isfinite() and losses[0] != losses[1]  # the seed is drawn inside the graph
+
+
+def test_a_kv_cache_decode_step_compiles_whole():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named("llama-tiny")).to(DEVICE).eval()
+    prompt = torch.randint(0, 256, (2, 9), device=DEVICE)
+
+    def decode(m):
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            m(prompt, cache=cache)
+            return m(prompt[:, -1:], cache=cache)
+    expected, got, launches = _compiled_matches_eager(model, decode)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert launches["attention_fwd"] == 2 * model.config.num_layers
+
+
+def test_bert_with_a_padding_mask_compiles_whole():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig.named("tiny", dropout=0.0)).to(DEVICE)  # eager and compiled dropout draws differ
+    ids = torch.randint(0, 128, (2, 21), device=DEVICE)
+    mask = torch.ones(2, 21, dtype=torch.long, device=DEVICE)
+    mask[1, 13:] = 0
+    expected, got, launches = _compiled_matches_eager(model, _train_step((ids, mask)))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert launches["attention_fwd"] == model.config.num_layers and launches["attention_bwd_dkdv"] == 2
+
+
+def _hugging_face(family):
+    transformers = pytest.importorskip("transformers")  # not on the lent GPU image
+    torch.manual_seed(0)
+    if family == "bert":
+        model = transformers.BertModel(add_pooling_layer=False, config=transformers.BertConfig(
+            vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2))
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_patched_hugging_face_models_compile_whole(family):
+    model = _hugging_face(family)
+    engine.patch(model)
+    ids = torch.randint(0, 100, (2, 17), device=DEVICE)
+    mask = torch.ones(2, 17, dtype=torch.long, device=DEVICE)
+    mask[1, 12:] = 0
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        out = m(input_ids=ids, attention_mask=mask if family == "bert" else None)
+        first = out.last_hidden_state if family == "bert" else out.logits
+        first.float().square().mean().backward()
+        return [first.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    expected, got, launches = _compiled_matches_eager(model, run)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert launches["attention_fwd"] == 2 and launches["attention_bwd_dq"] == 2
+
+
+def test_changing_sequence_lengths_compile_at_most_twice():
+    """The first length compiles static; the second marks the length dynamic; later ones reuse it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named("tiny")).to(DEVICE).eval()
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=COMPILER, fullgraph=True)
+    with engine.use_backend("triton"), torch.no_grad():
+        for length in (16, 24, 33, 47):
+            ids = torch.randint(0, 256, (2, length), device=DEVICE)
+            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert not counters["graph_break"]

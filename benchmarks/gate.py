@@ -6,7 +6,8 @@ stored in benchmarks/baselines/<device class>.json.
   state bytes and parameter counts, for small GPT and BERT models with the engine's kernels forced
   (through Triton's interpreter on CPU); and the attention tiles processed (forward + backward)
   for full, causal, key-padded and packed batches (these depend on the tile sizes, which is one
-  more reason each device class keeps its own baseline).
+  more reason each device class keeps its own baseline); and the Python calls the engine's own
+  code makes per op call (LayerNorm forward, SDPA forward, forward + backward), kernel bodies aside.
 - Speed ratios to eager are measured side by side in one benchmark run and must stay above a floor
   per device class (loose on shared CPUs, tight on GPUs).
 """
@@ -90,6 +91,61 @@ def _attention_tiles(device: str) -> dict[str, int]:
     return counters
 
 
+def _engine_python_calls(call) -> int:
+    """Python calls the engine's own code (engine/ and kernels/) makes during ``call()``, as
+    sys.setprofile sees them (a generator counts once per resumption), Triton's launches aside:
+    what runs inside them (the interpreted kernel bodies on CPU) is not the engine's host path."""
+    import sys
+
+    import engine
+    import triton
+
+    from engine import kernels
+
+    roots = (str(Path(engine.__file__).parent), str(Path(kernels.__file__).parent))
+    triton_root = str(Path(triton.__file__).parent)
+    calls, in_triton = 0, 0
+
+    def profile(frame, event, _):
+        nonlocal calls, in_triton
+        if event not in ("call", "return"):
+            return
+        filename = frame.f_code.co_filename
+        if filename.startswith(triton_root):
+            in_triton += 1 if event == "call" else -1
+        elif event == "call" and not in_triton and filename.startswith(roots):
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def _host_calls(device: str) -> dict[str, int]:
+    """The engine's Python calls per op call (after a first call that registers and compiles):
+    a LayerNorm forward, an SDPA forward, an SDPA forward and backward."""
+    from engine import backend, ops
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator).to(device) for shape in ((64, 256), (256,), (256,)))
+    q, k, v = (torch.randn(2, 4, 128, 64, generator=generator).to(device).requires_grad_() for _ in range(3))
+    calls = {
+        "layer_norm_fwd": lambda: ops.layer_norm(x, (256,), weight, bias),
+        "sdpa_fwd": lambda: ops.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True),
+        "sdpa_fwd_bwd": lambda: ops.scaled_dot_product_attention(q, k, v, is_causal=True).backward(
+            torch.ones_like(q)),
+    }
+    counters = {}
+    with backend.use_backend("triton"):
+        for name, call in calls.items():
+            call()
+            counters[f"host.engine_python_calls.{name}"] = _engine_python_calls(call)
+    return counters
+
+
 def collect_counters() -> dict[str, int]:
     """The device-independent counters (the kernels forced; interpreter on CPU)."""
     from engine.models import GPT, BertConfig, BertForSequenceClassification, GPTConfig
@@ -107,7 +163,7 @@ def collect_counters() -> dict[str, int]:
     labels = torch.tensor([0, 1], device=device)
     counters |= _model_counters("bert_tiny", bert, {"ids": ids % 128, "mask": mask},
                                 lambda m, b: m(b["ids"], b["mask"], labels=labels)[1])
-    return counters | _attention_tiles(device)
+    return counters | _attention_tiles(device) | _host_calls(device)
 
 
 def engine_ratios(bench_rows: list[dict]) -> dict[str, float]:

@@ -5,7 +5,9 @@ fine-tuning step. Every provider trains its own copy of the same initial weights
   torch.nn.functional norms) and torch.optim.AdamW;
 - sdpa: the same with torch's scaled_dot_product_attention;
 - compile: torch.compile of the sdpa version;
-- engine: the engine's model (fused norms and attention on CUDA) with FusedAdamW and fused clipping.
+- engine: the engine's model (fused norms and attention on CUDA) with FusedAdamW and fused clipping;
+- engine+compile: the same with the model's forward under torch.compile (the kernels are
+  torch.library ops, so Inductor compiles around them, and on CUDA into their launches).
 
 Reported: tokens/s and, on a GPU with a known peak, the model FLOPs utilisation (MFU).
 """
@@ -30,7 +32,7 @@ MODEL_SIZES = {
                            hidden_dim=1024, dropout=0.0)},
     "gpu": {"gpt": dict(), "bert": dict(dropout=0.0)},  # GPT-2 small (124M), BERT base
 }
-PROVIDERS = ("eager", "sdpa", "compile", "engine")
+PROVIDERS = ("eager", "sdpa", "compile", "engine", "engine+compile")
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
@@ -113,17 +115,19 @@ def test_train_step(benchmark, provider, shape, device, size_set):
     labels = torch.randint(0, 2, (batch,), generator=generator).to(device)
 
     def loss_of(name, model):
-        if name == "engine":
+        if name.startswith("engine"):
             return model(ids, labels=ids)[1] if kind == "gpt" else model(ids, mask, labels=labels)[1]
         explicit = name == "eager"
         return eager_gpt_loss(model, ids, explicit) if kind == "gpt" else eager_bert_loss(model, ids, mask, labels, explicit)
 
     def step_of(name):
         model = copy.deepcopy(base)
-        engine = name == "engine"
+        engine = name.startswith("engine")
         optimizer = (FusedAdamW if engine else torch.optim.AdamW)(model.parameters(), lr=1e-4)
         clip = clip_grad_norm_ if engine else torch.nn.utils.clip_grad_norm_
-        forward = torch.compile(lambda: loss_of(name, model)) if name == "compile" else (lambda: loss_of(name, model))
+        forward = lambda: loss_of(name, model)  # noqa: E731
+        if name.endswith("compile"):
+            forward = torch.compile(forward)
 
         def step():
             loss = forward()

@@ -32,6 +32,16 @@ def test_counters_are_deterministic_and_cover_every_model(counters):
         assert counters[f"{model}.optimizer_state_bytes"] >= 8 * counters[f"{model}.parameters"]  # two fp32 moments
 
 
+def test_python_calls_count_the_engines_own_functions_only():
+    import triton
+
+    from engine import backend
+
+    assert gate._engine_python_calls(lambda: [backend.interpreting() for _ in range(5)]) == 5
+    assert gate._engine_python_calls(lambda: triton.cdiv(7, 2)) == 0  # Triton's, not the engine's
+    assert gate._engine_python_calls(lambda: None) == 0
+
+
 def test_an_unchanged_run_passes(counters, baseline):
     findings = gate.compare(counters, RATIOS, baseline)
     assert findings == []
@@ -53,7 +63,10 @@ def test_twice_as_slow_fails_every_case(counters, baseline):
     (lambda c: c.update({"llama_tiny.optimizer_state_bytes": c["llama_tiny.optimizer_state_bytes"] * 2}),
      "llama_tiny.optimizer_state_bytes"),
     (lambda c: c.pop("gpt_tiny.parameters"), "gpt_tiny.parameters"),
-], ids=["20%-more-saved-bytes", "one-extra-launch", "doubled-optimizer-state", "missing-counter"])
+    (lambda c: c.update({"host.engine_python_calls.sdpa_fwd": c["host.engine_python_calls.sdpa_fwd"] + 1}),
+     "host.engine_python_calls.sdpa_fwd"),
+], ids=["20%-more-saved-bytes", "one-extra-launch", "doubled-optimizer-state", "missing-counter",
+        "one-more-python-call"])
 def test_each_doctored_counter_fails(counters, baseline, doctor, name):
     doctored = dict(counters)
     doctor(doctored)

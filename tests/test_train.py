@@ -306,3 +306,92 @@ def test_a_save_removes_what_a_kill_left_behind(tmp_path):
                              torch.device("cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-12", "step-500-keep"]
     assert checkpoints.latest() == saved and (saved / "model.safetensors").exists()
+
+
+def _tiny_run(out_dir, *, model=None, loss_fn=None, **settings):
+    """A tiny GPT trained on random tokens; returns (records, the model)."""
+    from engine.models import GPT, GPTConfig
+    from engine.train import train
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (256, 16), generator=torch.Generator().manual_seed(0))
+    examples = [{"input_ids": row, "labels": row} for row in ids]
+    model = model or GPT(GPTConfig.named("tiny"))
+    loss_fn = loss_fn or (lambda m, batch: (m(batch["input_ids"], labels=batch["labels"])[1], batch["input_ids"].numel()))
+    config = TrainConfig(batch_size=4, eval_every=100, warmup_steps=1, out_dir=str(out_dir), **settings)
+    stack = lambda items: {key: torch.stack([item[key] for item in items]) for key in items[0]}  # noqa: E731
+    return train(model, examples, loss_fn, config, collate=stack), model
+
+
+def test_steps_between_log_steps_read_nothing_back_from_the_device(tmp_path):
+    """Host reads (.item(), .tolist(), bool(), ...: each a sync on a GPU) of a whole run depend on its
+    log and checkpoint steps only: 2 steps and 8 steps, each logged and checkpointed once, read the same."""
+    from engine.testing import count_host_reads
+
+    def reads(steps):
+        with count_host_reads() as counts:
+            _tiny_run(tmp_path / str(steps), steps=steps, log_every=steps, checkpoint_every=steps, grad_accumulation=2,
+                      max_grad_norm=1.0)
+        return counts
+    assert reads(8) == reads(2)
+
+
+def test_a_nonfinite_step_between_log_steps_is_skipped_on_the_device_and_named_at_the_log_step(tmp_path):
+    calls = [0]
+
+    def poisoned(model, batch):
+        calls[0] += 1
+        loss = model(batch["input_ids"], labels=batch["labels"])[1]
+        return (loss * float("nan") if calls[0] == 3 else loss), batch["input_ids"].numel()
+
+    from engine.train import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan.*step-2 is kept"):
+        _tiny_run(tmp_path / "stop", loss_fn=poisoned, steps=8, log_every=2, checkpoint_every=2)
+    calls[0] = 0
+    records, model = _tiny_run(tmp_path / "skip", loss_fn=poisoned, steps=8, log_every=4, checkpoint_every=4,
+                               on_nonfinite="skip")
+    assert [(r["step"], r.get("skipped_steps", 0)) for r in records] == [(4, 1), (8, 0)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ddp_all_reduces_gradients_once_per_step_whatever_the_accumulation(tmp_path):
+    """no_sync on every micro-batch but the last: the communication hook runs as often with 3
+    micro-batches per step as with 1 (a one-process gloo group)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from engine.models import GPT, GPTConfig
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        def hook_calls(accumulation):
+            torch.manual_seed(0)
+            model = torch.nn.parallel.DistributedDataParallel(GPT(GPTConfig.named("tiny")))
+            calls = [0]
+
+            def counting(state, bucket):
+                calls[0] += 1
+                return allreduce_hook(state, bucket)
+            model.register_comm_hook(None, counting)
+            _tiny_run(tmp_path / str(accumulation), model=model, steps=2, log_every=1, checkpoint_every=2,
+                      grad_accumulation=accumulation)
+            return calls[0]
+        assert hook_calls(3) == hook_calls(1) > 0
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_train_compile_runs_the_steps_compiled_and_matches_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, model = _tiny_run(tmp_path / "compiled", steps=3, log_every=1, checkpoint_every=3, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    eager, _ = _tiny_run(tmp_path / "eager", steps=3, log_every=1, checkpoint_every=3)
+    torch.testing.assert_close([r["loss"] for r in compiled], [r["loss"] for r in eager], rtol=1e-4, atol=1e-5)
+    import safetensors.torch
+
+    saved = safetensors.torch.load_file(str(tmp_path / "compiled" / "step-3" / "model.safetensors"))
+    assert saved and set(saved) <= set(model.state_dict())  # the model's own names, no "_orig_mod." prefix

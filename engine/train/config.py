@@ -39,6 +39,8 @@ class TrainConfig:
         "a NaN or inf loss or gradient norm: stop (the run ends naming the step; its last finite checkpoint "
         "stays) or skip (that step's update is skipped, as GradScaler does)"))
     activation_checkpointing: bool = False
+    compile: bool = dataclasses.field(default=False, metadata=_help(
+        "torch.compile the model for the training steps (evaluation and checkpoints use the model itself)"))
     eval_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 50

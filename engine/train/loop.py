@@ -7,6 +7,12 @@ metrics as JSONL, a loss-curve PNG, and checkpoints that resume exactly (``check
 NaN or inf loss or gradient norm stops the run, naming the step, or skips that step's update
 (``on_nonfinite``); a resumed run refuses changed settings it cannot keep exact and says which
 changes it applies.
+
+Between log steps the loop never waits on the host: losses are summed on the device and read
+every ``log_every`` steps, a non-finite step's update is skipped on the device (the flag goes to
+FusedAdamW as GradScaler's ``found_inf`` does), and under DDP gradients are all-reduced on the
+last micro-batch of each step only. On backend "torch" (torch.optim.AdamW, which cannot take
+the flag) the flag is read once per step.
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ class BatchStream:
         self.dataset, self.batch_size, self.collate, self.seed, self.shuffle = dataset, batch_size, collate, seed, shuffle
         self.epoch, self.position = 0, 0
         self.rank, self.world = 0, 1
+        self._orders: tuple[int, list[int]] | None = None  # (epoch, its order): drawn once per epoch
 
     def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.dataset)))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.dataset), generator=generator).tolist()
+        if self._orders is None or self._orders[0] != self.epoch:
+            if not self.shuffle:
+                order = list(range(len(self.dataset)))
+            else:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            self._orders = (self.epoch, order)
+        return self._orders[1]
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch (this rank's share of a global batch of batch_size * world examples)."""
@@ -97,7 +108,47 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on ``device``; towards a GPU through pinned memory, so that the copy does not block."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _gradient_sync(model: torch.nn.Module, last: bool):
+    """DDP's all-reduce on the last micro-batch of a step only (``no_sync`` before it)."""
+    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _step_skipping(optimizer, scaler, bad: torch.Tensor) -> None:
+    """optimizer.step(), skipped when ``bad`` (a device bool) is set. FusedAdamW takes the flag
+    as GradScaler's ``found_inf`` and skips on the device; other optimizers read it on the host.
+    Under an enabled GradScaler the scaler decides (a non-finite loss gives non-finite gradients)."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bad.item():
+        optimizer.step()
+
+
+def _read_window(window: list[tuple[int, torch.Tensor, torch.Tensor | None]]) -> list[tuple[int, float, dict]]:
+    """Per (step, loss, grad norm or None) of the window: (step, loss, what was not finite as
+    {"loss" and/or "grad_norm": value}), read in one host transfer."""
+    values = torch.stack([torch.stack([loss, loss.new_zeros(()) if norm is None else norm.float()])
+                          for _, loss, norm in window]).tolist()
+    read = []
+    for (step, _, norm), (loss, norm_value) in zip(window, values):
+        found = {"loss": loss} if not math.isfinite(loss) else {}
+        if norm is not None and not math.isfinite(norm_value):
+            found["grad_norm"] = norm_value
+        read.append((step, loss, found))
+    return read
 
 
 def _autocast(device: torch.device, precision: str):
@@ -204,56 +255,63 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
     for module in model.modules():
         if hasattr(type(module), "activation_checkpointing"):
             module.activation_checkpointing = config.activation_checkpointing
+    stepped = torch.compile(model) if config.compile else model  # the same parameters, traced on first use
 
     with backend.use_backend(config.backend):
         model.train()
-        window_start, window_items, window_loss, skipped = time.perf_counter(), 0, [], 0
+        window_start, window_items, window = time.perf_counter(), 0, []
         for step in range(start, config.steps):
             done = step + 1
-            step_loss = 0.0
-            for _ in range(config.grad_accumulation):
+            step_loss = torch.zeros((), device=device)
+            for micro in range(config.grad_accumulation):
                 batch = _to_device(stream.next(), device)
-                with _autocast(device, config.precision):
-                    loss, items = loss_fn(model, batch)
-                scaler.scale(loss / config.grad_accumulation).backward()
-                step_loss += global_mean(loss.detach(), world) / config.grad_accumulation
+                with _gradient_sync(model, last=micro == config.grad_accumulation - 1):
+                    with _autocast(device, config.precision):
+                        loss, items = loss_fn(stepped, batch)
+                    scaler.scale(loss / config.grad_accumulation).backward()
+                step_loss += loss.detach().float() / config.grad_accumulation
                 window_items += items
+            step_loss = global_mean(step_loss, world)
             grad_norm = None
             if config.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 grad_norm = clip(trainable, config.max_grad_norm)
             # fp16: an overflowing gradient is GradScaler's to skip; a non-finite loss is ours
-            nonfinite = {"loss": step_loss} if not math.isfinite(step_loss) else {}
-            if grad_norm is not None and not scaler.is_enabled() and not math.isfinite(float(grad_norm)):
-                nonfinite["grad_norm"] = float(grad_norm)
-            if nonfinite and config.on_nonfinite == "stop":
-                if log is not None:
-                    log.write({"step": done, **nonfinite, "stopped": True})
-                kept = checkpoints.latest_published()
-                raise NonFiniteError(
-                    f"step {done}: the {' and '.join(f'{k} is {v}' for k, v in nonfinite.items())}; the run stops "
-                    f"(train.on_nonfinite=stop) and {kept.name if kept else 'no checkpoint'} is kept. Rerun with a "
-                    "lower train.lr, or with train.on_nonfinite=skip to skip such steps: either applies on resume")
-            if nonfinite and not scaler.is_enabled():
-                skipped += 1  # skip: no update; the schedule moves on, as under GradScaler
-            else:
-                scaler.step(optimizer)
+            bad = ~torch.isfinite(step_loss)
+            if grad_norm is not None and not scaler.is_enabled():
+                bad |= ~torch.isfinite(grad_norm)
+            _step_skipping(optimizer, scaler, bad)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            window_loss.append(step_loss)
-            if rank == 0 and (done % config.log_every == 0 or done == config.steps):
-                elapsed = time.perf_counter() - window_start
-                finite = [x for x in window_loss if math.isfinite(x)]
-                record = {"step": done, "loss": sum(finite) / len(finite) if finite else float("nan"),
-                          "lr": scheduler.get_last_lr()[0], "items_per_s": window_items * world / elapsed}
-                if skipped:
-                    record["skipped_steps"] = skipped
-                log.write(record)
-                print(f"{_bar(done, config.steps)} step {done}/{config.steps}  loss {record['loss']:.4f}  "
-                      f"lr {record['lr']:.2e}  {record['items_per_s']:.0f} items/s"
-                      + (f"  ({skipped} non-finite step(s) skipped)" if skipped else ""), file=sys.stderr, flush=True)
-                window_start, window_items, window_loss, skipped = time.perf_counter(), 0, [], 0
+            window.append((done, step_loss, None if scaler.is_enabled() else grad_norm))
+            if done % config.log_every == 0 or done == config.steps:  # every rank: all stop together
+                read = _read_window(window)
+                nonfinite = [(step_done, found) for step_done, _, found in read if found]
+                if nonfinite and config.on_nonfinite == "stop":
+                    step_done, found = nonfinite[0]
+                    if log is not None:
+                        log.write({"step": step_done, **found, "stopped": True})
+                    kept = checkpoints.latest_published()
+                    raise NonFiniteError(
+                        f"step {step_done}: the {' and '.join(f'{k} is {v}' for k, v in found.items())}; the run "
+                        f"stops (train.on_nonfinite=stop) and {kept.name if kept else 'no checkpoint'} is kept. Rerun "
+                        "with a lower train.lr, or with train.on_nonfinite=skip to skip such steps: either applies "
+                        "on resume")
+                if rank == 0:
+                    elapsed = time.perf_counter() - window_start
+                    finite = [loss for _, loss, found in read if "loss" not in found]
+                    record = {"step": done, "loss": sum(finite) / len(finite) if finite else float("nan"),
+                              "lr": scheduler.get_last_lr()[0], "items_per_s": window_items * world / elapsed}
+                    skipped = 0 if scaler.is_enabled() else len(nonfinite)
+                    if skipped:
+                        record["skipped_steps"] = skipped
+                    log.write(record)
+                    print(f"{_bar(done, config.steps)} step {done}/{config.steps}  loss {record['loss']:.4f}  "
+                          f"lr {record['lr']:.2e}  {record['items_per_s']:.0f} items/s"
+                          + (f"  ({skipped} non-finite step(s) skipped)" if skipped else ""), file=sys.stderr,
+                          flush=True)
+                window_start, window_items, window = time.perf_counter(), 0, []
             if evaluate is not None and rank == 0 and (done % config.eval_every == 0 or done == config.steps):
                 model.eval()
                 with torch.no_grad(), _autocast(device, config.precision):

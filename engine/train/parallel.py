@@ -29,13 +29,13 @@ def distributed(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def global_mean(value: torch.Tensor, world: int) -> float:
-    """The mean of a scalar over every rank (for logging the global batch's loss)."""
+def global_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of a scalar tensor over every rank (the global batch's loss), left on the device."""
     if world > 1:
         value = value.clone()
         torch.distributed.all_reduce(value)
         value /= world
-    return value.item()
+    return value
 
 
 def from_rank_zero(value, world: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from collections import Counter
 from collections.abc import Iterator
 from typing import Callable
@@ -17,11 +18,19 @@ from triton.runtime.errors import OutOfResources
 from engine.backend import interpreting
 from engine.launches import LAUNCHES, count_launches, record  # noqa: F401  (re-exported)
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so the mode is fixed when this
+# package loads: read once here, not on every launch.
+INTERPRETED = interpreting()
+_dtype = operator.attrgetter("dtype")
+_items = operator.methodcaller("items")
 
-def _on_device_of(args: tuple):
-    """Triton launches on the current CUDA device: make it the first tensor argument's."""
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+def _on_device_of(first: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``first``'s (unless it already is)."""
+    device = first.device
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
@@ -30,13 +39,13 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     On a GPU the launch goes through ``wrap_triton``: inside the engine's ``triton_op``s that lets
     torch.compile trace the kernel itself (outside tracing it is the kernel). Under the
     interpreter the ops are opaque ``custom_op``s whose shape functions run these launchers on
-    fake tensors: then nothing is launched."""
-    if interpreting():
-        if isinstance(next(a for a in args if isinstance(a, torch.Tensor)), FakeTensor):
+    fake tensors: then nothing is launched. The first argument is a tensor."""
+    if INTERPRETED:
+        if isinstance(args[0], FakeTensor):
             return
         kernel[grid](*args, **meta)
     else:
-        with _on_device_of(args):
+        with _on_device_of(args[0]):
             wrap_triton(kernel)[grid](*args, **meta)
     record(name)
 
@@ -91,8 +100,8 @@ def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tu
     launch of the same key found fitting, else the first.
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(t.dtype for t in tensors),
-           tuple(tuple(tile.items()) for tile in tiles))
+    key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(map(_dtype, tensors)),
+           tuple(map(tuple, map(_items, tiles))))
     if is_fake(tensors[0]):  # traced by torch.compile (or shapes only): recorded, not compiled, here
         try:
             tile = tiles[FITTING_TILE.get(key, 0)]
@@ -119,7 +128,7 @@ def _multiprocessors(index: int) -> int:
 
 def parallel_programs(device: torch.device) -> int:
     """How many persistent programs keep ``device`` busy (few under the interpreter)."""
-    if device.type == "cuda" and not interpreting():
+    if device.type == "cuda" and not INTERPRETED:
         return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 

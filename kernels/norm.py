@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import check_same_device, launch, parallel_programs
-from engine.backend import interpreting
+from engine.kernels._launch import INTERPRETED, check_same_device, launch, parallel_programs
 
 NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -333,7 +332,7 @@ def _tiling(width: int, element_size: int) -> dict:
     """Block sizes and warps for rows of ``width``: rows share a tile when the width is small. The
     row count plays no part, so a traced call (torch.compile) keeps it dynamic: no guard on it."""
     block_n = min(triton.next_power_of_2(width), _BLOCK_BYTES // element_size)
-    tile_elements = 16384 if interpreting() else 4096  # fewer, larger programs suit the interpreter
+    tile_elements = 16384 if INTERPRETED else 4096  # fewer, larger programs suit the interpreter
     block_m = max(1, tile_elements // block_n)
     return dict(
         BLOCK_M=block_m,

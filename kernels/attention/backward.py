@@ -231,7 +231,7 @@ def attention_backward(
     max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo."""
-    q, k, v, out, do = (unit_last_stride(t) for t in (q, k, v, out, do))
+    q, k, v, out, do = unit_last_stride(q, k, v, out, do)
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if layout.empty:
@@ -245,11 +245,11 @@ def attention_backward(
     launch(
         "attention_bwd_delta", _attn_bwd_delta_kernel,
         (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, delta_rows)),
-        out, do, delta, *layout.strides(out), *layout.strides(do), *lse_strides, cu_seqlens_q,
+        out, do, delta, *layout.strides(out, do), *lse_strides, cu_seqlens_q,
         layout.heads, layout.seqlen_q, layout.total_q, layout.head_dim,
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
-    shared = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
+    shared = layout.strides(q, k, v, do)
     sizes = (*layout.sizes(), scale, dropout_p, dropout_scale(dropout_p), seed)
     tile_list = tiles(layout.head_dim, q.dtype, backward=True)
     for name, kernel, grid, outputs, out_strides, heads in (

@@ -7,8 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.backend import interpreting
-from engine.kernels._launch import check_same_device, launch
+from engine.kernels._launch import INTERPRETED, check_same_device, launch
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -200,7 +199,7 @@ def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> list[dict]:
     first that fits the GPU's shared memory (227 KiB per program on H100/H200, 163 KiB on A100,
     99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter."""
     block_d = head_block(head_dim)
-    if interpreting():
+    if INTERPRETED:
         return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)]
     # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
     # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
@@ -252,9 +251,12 @@ class Layout:
         """(max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim), as the kernels take them."""
         return self.seqlen_q, self.seqlen_k, self.total_q, self.total_k, self.head_dim
 
-    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
-        """(batch, head, token) strides; packed tensors have no batch stride."""
-        return (0, t.stride(1), t.stride(0)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+    def strides(self, *tensors: torch.Tensor) -> list[int]:
+        """Each tensor's (batch, head, token) strides, one after another; packed tensors have no
+        batch stride."""
+        if self.varlen:
+            return [s for t in tensors for s in (0, t.stride(1), t.stride(0))]
+        return [s for t in tensors for s in t.stride()[:3]]
 
     def new_lse(self, q: torch.Tensor) -> torch.Tensor:
         """An fp32 per-row tensor: (Hq, total_q) packed or (B, Hq, Sq)."""
@@ -266,8 +268,9 @@ class Layout:
         return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
 
 
-def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def unit_last_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors, each copied only if its last dimension is not contiguous."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k) -> None:

@@ -128,7 +128,7 @@ def attention_forward(
     Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
     holds what rounding lse lost, for the backward, with an additive mask; None otherwise."""
     check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k)
-    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    q, k, v = unit_last_stride(q, k, v)
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
@@ -145,7 +145,7 @@ def attention_forward(
         "attention_fwd", _attn_fwd_kernel, tiles(layout.head_dim, q.dtype, backward=False),
         lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
         q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k, counter,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+        *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes(),
         scale, dropout_p, dropout_scale(dropout_p), seed,

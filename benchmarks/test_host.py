@@ -1,0 +1,73 @@
+"""The host path: what one op call costs the CPU before any kernel runs. The engine's launches
+are stubbed (each op validates, plans and counts its launches, and runs nothing), beside
+PyTorch's own op on the same small input, where compute is negligible and the time is its
+dispatch. On a GPU this is what a small, CPU-bound model pays per op; the Python calls the
+engine makes per op are a gate counter besides (benchmarks/gate.py).
+
+Needs the kernels: a GPU, or Triton's interpreter on CPU (set by `engine gate`).
+"""
+
+import contextlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+from engine import backend
+
+SIZES = {"small": [(2, 4, 16, 64)], "gpu": [(2, 4, 16, 64)]}  # (batch, heads, tokens, head dim)
+CALLS = {
+    "layer_norm forward": (lambda x, q, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+                           lambda x, q, w, b: engine.ops.layer_norm(x, x.shape[-1:], w, b)),
+    "sdpa forward": (lambda x, q, w, b: F.scaled_dot_product_attention(q, q, q, is_causal=True),
+                     lambda x, q, w, b: engine.ops.scaled_dot_product_attention(q, q, q, is_causal=True)),
+}
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every engine launch counted but not run (its outputs stay unwritten)."""
+    from engine.kernels import _launch
+
+    real = _launch.launch
+    modules = [m for name, m in list(sys.modules.items())
+               if name.startswith("engine.kernels") and getattr(m, "launch", None) is real]
+
+    def stub(name, kernel, grid, *args, **meta):
+        _launch.record(name)
+
+    for module in modules:
+        module.launch = stub
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.launch = real
+
+
+@pytest.mark.parametrize("provider", ["eager", "engine"])
+@pytest.mark.parametrize("op", list(CALLS))
+def test_host_path(benchmark, op, provider, shape, device):
+    if device.type == "cpu" and not backend.interpreting():
+        pytest.skip("the engine's kernels need a GPU or TRITON_INTERPRET=1 (engine gate sets it on CPU)")
+    from engine.kernels import count_launches
+
+    batch, heads, tokens, head_dim = shape
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch * tokens, heads * head_dim, generator=generator).to(device)
+    q = torch.randn(batch, heads, tokens, head_dim, generator=generator).to(device)
+    w, b = torch.ones(heads * head_dim, device=device), torch.zeros(heads * head_dim, device=device)
+    call = CALLS[op][provider == "engine"]
+    with contextlib.ExitStack() as stack:
+        if provider == "engine":
+            stack.enter_context(backend.use_backend("triton"))
+            stack.enter_context(stubbed_launches())
+        call(x, q, w, b)  # first call: registration, compilation, tile choice
+        with count_launches() as launches:
+            call(x, q, w, b)
+        benchmark.extra_info.update(case=f"host path {op} (launch stubbed)", provider=provider, bytes=0, flops=0,
+                                    tokens=0, peak_flops=None, kernel_launches=launches.total(), peak_bytes=None,
+                                    device=str(device))
+        benchmark(lambda: call(x, q, w, b))  # no device sync: the host's time is what is measured

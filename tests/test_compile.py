@@ -138,6 +138,26 @@ def test_a_kv_cache_decode_step_compiles_whole():
     assert launches["attention_fwd"] == 2 * model.config.num_layers
 
 
+def test_packed_variable_length_attention_compiles_whole():
+    from engine.ops import flash_attn_varlen
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 4, 32, generator=generator).to(DEVICE).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32, device=DEVICE)
+
+    def run(attention):
+        q.grad = k.grad = v.grad = None
+        out = attention(q, k, v, cu, cu, 33, 33, causal=True)
+        out.square().sum().backward()
+        return [out.detach(), q.grad, k.grad, v.grad]
+    expected, got, launches = _compiled_matches_eager(flash_attn_varlen, run)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert launches["attention_fwd"] == 1 and launches["attention_bwd_dq"] == 1
+    bad = torch.tensor([0, 7, 41], dtype=torch.int32, device=DEVICE)  # past the 40 packed tokens
+    with engine.use_backend("triton"), pytest.raises(RuntimeError, match="must rise from 0 to the 40"):
+        torch.compile(flash_attn_varlen, backend=COMPILER, fullgraph=True)(q, k, v, bad, bad, 34, 34)
+
+
 def test_bert_with_a_padding_mask_compiles_whole():
     torch.manual_seed(0)
     model = BertModel(BertConfig.named("tiny", dropout=0.0)).to(DEVICE)  # eager and compiled dropout draws differ

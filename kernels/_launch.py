@@ -7,7 +7,7 @@ import contextlib
 import functools
 import operator
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Callable
 
 import torch
@@ -90,7 +90,7 @@ FITTING_TILE: dict[tuple, int] = {}
 LAST_TILE: dict[str, dict] = {}
 
 
-def launch_tiled(name: str, kernel, tiles: list[dict], grid: Callable[[dict], tuple[int, ...]], *args, **meta) -> None:
+def launch_tiled(name: str, kernel, tiles: Sequence[dict], grid: Callable[[dict], tuple[int, ...]], *args, **meta) -> None:
     """Launch with the first of ``tiles`` (largest first) that fits the device's shared memory.
 
     Triton checks shared memory when a compiled program is first loaded and raises

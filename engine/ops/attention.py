@@ -133,7 +133,7 @@ def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     """Why the kernel cannot take these (already validated) arguments, or None."""
     attention = kernels.attention
     for name, t in (("query", q), ("key", k), ("value", v), ("attn_mask", attn_mask)):
-        if t is not None and not _is_plain(t):
+        if t is not None and type(t) is not torch.Tensor and not _is_plain(t):
             return f"{name} is a {type(t).__name__}, a tensor subclass whose memory the kernel cannot read"
     if q.dtype not in attention.ATTENTION_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
@@ -368,11 +368,9 @@ def explain_sdpa(
     return backend.capability(refusal)
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    """(N, ..., H, L, E) -> (B, H, L, E); (N, L, E) -> (N, 1, L, E)."""
-    if t.dim() == 3:
-        return t.unsqueeze(1)
-    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
+def _as_4d(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each (N, ..., H, L, E) -> (B, H, L, E); (N, L, E) -> (N, 1, L, E)."""
+    return [t.unsqueeze(1) if t.dim() == 3 else t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:]) for t in tensors]
 
 
 def _sdpa_mask_4d(attn_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -407,6 +405,6 @@ def scaled_dot_product_attention(
     mask = None if mask is None else _sdpa_mask_4d(mask, query, key)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     seed = dropout_seed(query.device) if dropout_p > 0 else None
-    out, _, _ = _fused_attention(_as_4d(query), _as_4d(key), _as_4d(value), mask, scale, alignment,
-                                 dropout_p, seed, None, None, None, None)
+    out, _, _ = _fused_attention(*_as_4d(query, key, value), mask, scale, alignment, dropout_p, seed,
+                                 None, None, None, None)
     return out.view(query.shape)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

@@ -250,7 +250,7 @@ def attention_backward(
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
     shared = layout.strides(q, k, v, do)
-    sizes = (*layout.sizes(), scale, dropout_p, dropout_scale(dropout_p), seed)
+    sizes = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
     tile_list = tiles(layout.head_dim, q.dtype, backward=True)
     for name, kernel, grid, outputs, out_strides, heads in (
         ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel,

@@ -3,6 +3,8 @@ and the dropout mask."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,13 +196,22 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> list[dict]:
+def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dict, ...]:
     """Tile sizes, warps and stages by head dim and dtype, largest first: the launcher takes the
     first that fits the GPU's shared memory (227 KiB per program on H100/H200, 163 KiB on A100,
-    99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter."""
+    99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter. Built once per argument set;
+    the dicts are shared, not to be changed."""
+    try:
+        return _tiles(head_dim, dtype, backward)
+    except TypeError:  # a symbolic head dim (dynamic shapes, while tracing) cannot key the cache
+        return _tiles.__wrapped__(head_dim, dtype, backward)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiles(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[dict, ...]:
     block_d = head_block(head_dim)
     if INTERPRETED:
-        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)]
+        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4),)
     # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
     # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
     if dtype != torch.float32:
@@ -214,8 +225,8 @@ def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> list[dict]:
         ladder = [(32, 32, 1), (16, 16, 1)] if backward else [(32, 16, 2), (16, 16, 2)]
     else:
         ladder = [(32, 32, 1), (16, 32, 1), (16, 16, 1)] if backward else [(32, 32, 1), (16, 32, 1)]
-    return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
-                 num_stages=stages) for block_m, block_n, stages in ladder]
+    return tuple(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
+                      num_stages=stages) for block_m, block_n, stages in ladder)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -241,15 +252,10 @@ class Layout:
             self.total_q, self.total_k = self.seqlen_q, self.seqlen_k
         self.head_dim = q.shape[-1]
         self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
-
-    @property
-    def empty(self) -> bool:
-        """Nothing to compute: no batch, heads, queries or keys."""
-        return 0 in (self.batch, self.heads, self.kv_heads, self.seqlen_q, self.seqlen_k, self.total_q)
-
-    def sizes(self) -> tuple[int, ...]:
-        """(max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim), as the kernels take them."""
-        return self.seqlen_q, self.seqlen_k, self.total_q, self.total_k, self.head_dim
+        # nothing to compute: no batch, heads, queries or keys
+        self.empty = 0 in (self.batch, self.heads, self.kv_heads, self.seqlen_q, self.seqlen_k, self.total_q)
+        # (max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim), as the kernels take them
+        self.sizes = (self.seqlen_q, self.seqlen_k, self.total_q, self.total_k, self.head_dim)
 
     def strides(self, *tensors: torch.Tensor) -> list[int]:
         """Each tensor's (batch, head, token) strides, one after another; packed tensors have no

@@ -147,7 +147,7 @@ def attention_forward(
         q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k, counter,
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
-        layout.heads, layout.heads // layout.kv_heads, *layout.sizes(),
+        layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
         scale, dropout_p, dropout_scale(dropout_p), seed,
         **meta, COUNT_TILES=counter is not None,
     )

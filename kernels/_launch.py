@@ -36,17 +36,19 @@ def _on_device_of(first: torch.Tensor):
 def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     """Launch ``kernel`` on ``grid`` on its tensors' device and count it under ``name``.
 
-    On a GPU the launch goes through ``wrap_triton``: inside the engine's ``triton_op``s that lets
-    torch.compile trace the kernel itself (outside tracing it is the kernel). Under the
-    interpreter the ops are opaque ``custom_op``s whose shape functions run these launchers on
-    fake tensors: then nothing is launched. The first argument is a tensor."""
+    On a GPU, a launch traced by torch.compile (fake tensors, inside the engine's ``triton_op``s)
+    goes through ``wrap_triton``, so the graph holds the kernel itself; an eager launch calls the
+    kernel directly. Under the interpreter the ops are opaque ``custom_op``s whose shape functions
+    run these launchers on fake tensors: then nothing is launched. The first argument is a tensor."""
     if INTERPRETED:
         if isinstance(args[0], FakeTensor):
             return
         kernel[grid](*args, **meta)
+    elif is_fake(args[0]):
+        wrap_triton(kernel)[grid](*args, **meta)
     else:
         with _on_device_of(args[0]):
-            wrap_triton(kernel)[grid](*args, **meta)
+            kernel[grid](*args, **meta)
     record(name)
 
 

@@ -395,3 +395,29 @@ def test_train_compile_runs_the_steps_compiled_and_matches_eager(tmp_path):
 
     saved = safetensors.torch.load_file(str(tmp_path / "compiled" / "step-3" / "model.safetensors"))
     assert saved and set(saved) <= set(model.state_dict())  # the model's own names, no "_orig_mod." prefix
+
+
+def test_a_nonfinite_step_stops_the_run_before_a_later_evaluation(tmp_path):
+    """log_every 4, eval_every 2: the NaN of step 1 stops the run at step 2, before its evaluation."""
+    from engine.train import NonFiniteError
+
+    calls, evaluated = [0], []
+
+    def poisoned(model, batch):
+        calls[0] += 1
+        loss = model(batch["input_ids"], labels=batch["labels"])[1]
+        return (loss * float("nan") if calls[0] == 1 else loss), batch["input_ids"].numel()
+
+    from engine.models import GPT, GPTConfig
+    from engine.train import train
+
+    ids = torch.randint(0, 256, (64, 16), generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(steps=8, batch_size=4, log_every=4, eval_every=2, checkpoint_every=4, warmup_steps=1,
+                         out_dir=str(tmp_path))
+    stack = lambda items: {key: torch.stack([item[key] for item in items]) for key in items[0]}  # noqa: E731
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
+        train(GPT(GPTConfig.named("tiny")), [{"input_ids": r, "labels": r} for r in ids], poisoned, config,
+              collate=stack, evaluate=lambda m: evaluated.append(1) or {"eval_loss": 0.0})
+    assert not evaluated
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and records[0]["stopped"]

@@ -110,7 +110,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def _to_device(batch: dict, device: torch.device) -> dict:
     """The batch on ``device``; towards a GPU through pinned memory, so that the copy does not block."""
     if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
+                for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -140,7 +141,7 @@ def _step_skipping(optimizer, scaler, bad: torch.Tensor) -> None:
 def _read_window(window: list[tuple[int, torch.Tensor, torch.Tensor | None]]) -> list[tuple[int, float, dict]]:
     """Per (step, loss, grad norm or None) of the window: (step, loss, what was not finite as
     {"loss" and/or "grad_norm": value}), read in one host transfer."""
-    values = torch.stack([torch.stack([loss, loss.new_zeros(()) if norm is None else norm.float()])
+    values = torch.stack([torch.stack([loss, loss.new_zeros(()) if norm is None else norm.float().to(loss.device)])
                           for _, loss, norm in window]).tolist()
     read = []
     for (step, _, norm), (loss, norm_value) in zip(window, values):
@@ -285,7 +286,8 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             window.append((done, step_loss, None if scaler.is_enabled() else grad_norm))
-            if done % config.log_every == 0 or done == config.steps:  # every rank: all stop together
+            logging = done % config.log_every == 0 or done == config.steps
+            if logging or done % config.eval_every == 0:  # every rank, so all stop together; before any eval
                 read = _read_window(window)
                 nonfinite = [(step_done, found) for step_done, _, found in read if found]
                 if nonfinite and config.on_nonfinite == "stop":
@@ -298,7 +300,7 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                         f"stops (train.on_nonfinite=stop) and {kept.name if kept else 'no checkpoint'} is kept. Rerun "
                         "with a lower train.lr, or with train.on_nonfinite=skip to skip such steps: either applies "
                         "on resume")
-                if rank == 0:
+                if rank == 0 and logging:
                     elapsed = time.perf_counter() - window_start
                     finite = [loss for _, loss, found in read if "loss" not in found]
                     record = {"step": done, "loss": sum(finite) / len(finite) if finite else float("nan"),
@@ -311,7 +313,8 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                           f"lr {record['lr']:.2e}  {record['items_per_s']:.0f} items/s"
                           + (f"  ({skipped} non-finite step(s) skipped)" if skipped else ""), file=sys.stderr,
                           flush=True)
-                window_start, window_items, window = time.perf_counter(), 0, []
+                if logging:
+                    window_start, window_items, window = time.perf_counter(), 0, []
             if evaluate is not None and rank == 0 and (done % config.eval_every == 0 or done == config.steps):
                 model.eval()
                 with torch.no_grad(), _autocast(device, config.precision):

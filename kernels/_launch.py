@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, is_fake
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
@@ -39,13 +39,14 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     On a GPU, a launch traced by torch.compile (fake tensors, inside the engine's ``triton_op``s)
     goes through ``wrap_triton``, so the graph holds the kernel itself; an eager launch calls the
     kernel directly. Under the interpreter the ops are opaque ``custom_op``s whose shape functions
-    run these launchers on fake tensors: then nothing is launched. The first argument is a tensor."""
+    run these launchers on fake tensors: then nothing is launched. Only real launches are counted.
+    The first argument is a tensor."""
+    if is_fake(args[0]):  # traced: not a launch yet (the compiled graph runs it; no counter sees that)
+        if not INTERPRETED:
+            wrap_triton(kernel)[grid](*args, **meta)
+        return
     if INTERPRETED:
-        if isinstance(args[0], FakeTensor):
-            return
         kernel[grid](*args, **meta)
-    elif is_fake(args[0]):
-        wrap_triton(kernel)[grid](*args, **meta)
     else:
         with _on_device_of(args[0]):
             kernel[grid](*args, **meta)

@@ -15,6 +15,9 @@ from engine.testing import attention_inputs, kernel_device, triton_launches
 
 DEVICE = kernel_device()
 COMPILER = "inductor" if DEVICE == "cuda" else "aot_eager"
+# Launches inside a compiled run are counted under the interpreter, where the ops run their
+# launchers; under Inductor the compiled graph launches the kernels itself, which no counter sees.
+COUNTED = COMPILER == "aot_eager"
 
 
 def _grad(*shape, dtype=torch.float32):
@@ -105,8 +108,8 @@ def test_gpt_training_step_compiles_whole(name):
     expected, got, launches = _compiled_matches_eager(model, _train_step((ids,), labels=ids))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     layers = model.config.num_layers
-    assert launches["attention_fwd"] == layers and launches["attention_bwd_dq"] == layers
-    assert launches["rms_norm_bwd" if name == "llama-tiny" else "layer_norm_bwd"] >= 2 * layers
+    assert not COUNTED or launches["attention_fwd"] == layers and launches["attention_bwd_dq"] == layers
+    assert not COUNTED or launches["rms_norm_bwd" if name == "llama-tiny" else "layer_norm_bwd"] >= 2 * layers
 
 
 def test_gpt_with_dropout_compiles_whole_and_draws_a_fresh_mask_each_step():
@@ -119,7 +122,7 @@ def test_gpt_with_dropout_compiles_whole_and_draws_a_fresh_mask_each_step():
     with engine.use_backend("triton"), triton_launches() as launches:
         losses = [compiled(ids, labels=ids)[1] for _ in range(2)]
     assert not counters["graph_break"]
-    assert launches["attention_fwd"] == 2 * model.config.num_layers
+    assert not COUNTED or launches["attention_fwd"] == 2 * model.config.num_layers
     assert losses[0].isfinite() and losses[0] != losses[1]  # the seed is drawn inside the graph
 
 
@@ -135,7 +138,7 @@ def test_a_kv_cache_decode_step_compiles_whole():
             return m(prompt[:, -1:], cache=cache)
     expected, got, launches = _compiled_matches_eager(model, decode)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert launches["attention_fwd"] == 2 * model.config.num_layers
+    assert not COUNTED or launches["attention_fwd"] == 2 * model.config.num_layers
 
 
 def test_packed_variable_length_attention_compiles_whole():
@@ -152,7 +155,7 @@ def test_packed_variable_length_attention_compiles_whole():
         return [out.detach(), q.grad, k.grad, v.grad]
     expected, got, launches = _compiled_matches_eager(flash_attn_varlen, run)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert launches["attention_fwd"] == 1 and launches["attention_bwd_dq"] == 1
+    assert not COUNTED or launches["attention_fwd"] == 1 and launches["attention_bwd_dq"] == 1
     bad = torch.tensor([0, 7, 41], dtype=torch.int32, device=DEVICE)  # past the 40 packed tokens
     with engine.use_backend("triton"), pytest.raises(RuntimeError, match="must rise from 0 to the 40"):
         torch.compile(flash_attn_varlen, backend=COMPILER, fullgraph=True)(q, k, v, bad, bad, 34, 34)
@@ -166,7 +169,7 @@ def test_bert_with_a_padding_mask_compiles_whole():
     mask[1, 13:] = 0
     expected, got, launches = _compiled_matches_eager(model, _train_step((ids, mask)))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert launches["attention_fwd"] == model.config.num_layers and launches["attention_bwd_dkdv"] == 2
+    assert not COUNTED or launches["attention_fwd"] == model.config.num_layers and launches["attention_bwd_dkdv"] == 2
 
 
 def _hugging_face(family):
@@ -200,7 +203,7 @@ def test_patched_hugging_face_models_compile_whole(family):
 
     expected, got, launches = _compiled_matches_eager(model, run)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert launches["attention_fwd"] == 2 and launches["attention_bwd_dq"] == 2
+    assert not COUNTED or launches["attention_fwd"] == 2 and launches["attention_bwd_dq"] == 2
 
 
 def test_changing_sequence_lengths_compile_at_most_twice():

@@ -308,7 +308,7 @@ def test_a_save_removes_what_a_kill_left_behind(tmp_path):
     assert checkpoints.latest() == saved and (saved / "model.safetensors").exists()
 
 
-def _tiny_run(out_dir, *, model=None, loss_fn=None, **settings):
+def _tiny_run(out_dir, *, model=None, loss_fn=None, evaluate=None, **settings):
     """A tiny GPT trained on random tokens; returns (records, the model)."""
     from engine.models import GPT, GPTConfig
     from engine.train import train
@@ -318,9 +318,20 @@ def _tiny_run(out_dir, *, model=None, loss_fn=None, **settings):
     examples = [{"input_ids": row, "labels": row} for row in ids]
     model = model or GPT(GPTConfig.named("tiny"))
     loss_fn = loss_fn or (lambda m, batch: (m(batch["input_ids"], labels=batch["labels"])[1], batch["input_ids"].numel()))
-    config = TrainConfig(batch_size=4, eval_every=100, warmup_steps=1, out_dir=str(out_dir), **settings)
+    config = TrainConfig(**{"batch_size": 4, "eval_every": 100, "warmup_steps": 1, **settings}, out_dir=str(out_dir))
     stack = lambda items: {key: torch.stack([item[key] for item in items]) for key in items[0]}  # noqa: E731
-    return train(model, examples, loss_fn, config, collate=stack), model
+    return train(model, examples, loss_fn, config, collate=stack, evaluate=evaluate), model
+
+
+def _nan_at(call: int):
+    """A loss function whose ``call``-th call (counting from 1) returns NaN."""
+    calls = [0]
+
+    def poisoned(model, batch):
+        calls[0] += 1
+        loss = model(batch["input_ids"], labels=batch["labels"])[1]
+        return (loss * float("nan") if calls[0] == call else loss), batch["input_ids"].numel()
+    return poisoned
 
 
 def test_steps_between_log_steps_read_nothing_back_from_the_device(tmp_path):
@@ -337,19 +348,11 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(tmp_path):
 
 
 def test_a_nonfinite_step_between_log_steps_is_skipped_on_the_device_and_named_at_the_log_step(tmp_path):
-    calls = [0]
-
-    def poisoned(model, batch):
-        calls[0] += 1
-        loss = model(batch["input_ids"], labels=batch["labels"])[1]
-        return (loss * float("nan") if calls[0] == 3 else loss), batch["input_ids"].numel()
-
     from engine.train import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan.*step-2 is kept"):
-        _tiny_run(tmp_path / "stop", loss_fn=poisoned, steps=8, log_every=2, checkpoint_every=2)
-    calls[0] = 0
-    records, model = _tiny_run(tmp_path / "skip", loss_fn=poisoned, steps=8, log_every=4, checkpoint_every=4,
+        _tiny_run(tmp_path / "stop", loss_fn=_nan_at(3), steps=8, log_every=2, checkpoint_every=2)
+    records, model = _tiny_run(tmp_path / "skip", loss_fn=_nan_at(3), steps=8, log_every=4, checkpoint_every=4,
                                on_nonfinite="skip")
     assert [(r["step"], r.get("skipped_steps", 0)) for r in records] == [(4, 1), (8, 0)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -401,23 +404,10 @@ def test_a_nonfinite_step_stops_the_run_before_a_later_evaluation(tmp_path):
     """log_every 4, eval_every 2: the NaN of step 1 stops the run at step 2, before its evaluation."""
     from engine.train import NonFiniteError
 
-    calls, evaluated = [0], []
-
-    def poisoned(model, batch):
-        calls[0] += 1
-        loss = model(batch["input_ids"], labels=batch["labels"])[1]
-        return (loss * float("nan") if calls[0] == 1 else loss), batch["input_ids"].numel()
-
-    from engine.models import GPT, GPTConfig
-    from engine.train import train
-
-    ids = torch.randint(0, 256, (64, 16), generator=torch.Generator().manual_seed(0))
-    config = TrainConfig(steps=8, batch_size=4, log_every=4, eval_every=2, checkpoint_every=4, warmup_steps=1,
-                         out_dir=str(tmp_path))
-    stack = lambda items: {key: torch.stack([item[key] for item in items]) for key in items[0]}  # noqa: E731
+    evaluated = []
     with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
-        train(GPT(GPTConfig.named("tiny")), [{"input_ids": r, "labels": r} for r in ids], poisoned, config,
-              collate=stack, evaluate=lambda m: evaluated.append(1) or {"eval_loss": 0.0})
+        _tiny_run(tmp_path, loss_fn=_nan_at(1), evaluate=lambda m: evaluated.append(1) or {"eval_loss": 0.0},
+                  steps=8, log_every=4, eval_every=2, checkpoint_every=4)
     assert not evaluated
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] and records[0]["stopped"]

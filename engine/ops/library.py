@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from engine import backend
+from engine.kernels._launch import INTERPRETED  # the mode the kernels were decorated in
 
 _ABSENT = (0,)
 
@@ -27,7 +28,7 @@ _ABSENT = (0,)
 def _kernel_op(name: str):
     """Register the decorated launcher as ``torch.ops.engine.<name>``."""
     def register(function):
-        if backend.interpreting():
+        if INTERPRETED:
             op = torch.library.custom_op(f"engine::{name}", mutates_args=())(function)
             op.register_fake(function)
             return op

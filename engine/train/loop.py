@@ -9,7 +9,7 @@ NaN or inf loss or gradient norm stops the run, naming the step, or skips that s
 changes it applies.
 
 Between log steps the loop never waits on the host: losses are summed on the device and read
-every ``log_every`` steps, a non-finite step's update is skipped on the device (the flag goes to
+every ``log_every`` and ``eval_every`` steps, a non-finite step's update is skipped on the device (the flag goes to
 FusedAdamW as GradScaler's ``found_inf`` does), and under DDP gradients are all-reduced on the
 last micro-batch of each step only. On backend "torch" (torch.optim.AdamW, which cannot take
 the flag) the flag is read once per step.

@@ -23,8 +23,9 @@ low part recovers what rounding the high part loses when such a value dominates 
 
 Dropout: keep-mask bits come from Philox (tl.rand) keyed by (seed + batch*heads + head) and the
 (row, column) position, so backward regenerates the forward's mask exactly. The seed is a (1,)
-int64 device tensor the kernels read themselves: drawing it needs no host round trip, and a
-captured CUDA graph replays a fresh one each step.
+int64 device tensor the kernels read themselves: drawing it needs no host round trip, so
+torch.compile keeps it in the graph (a fresh mask every step, tested); CUDA-graph capture is
+not tried yet.
 
 Layouts: padded tensors (B, H, S, D) with any strides but unit stride over D, or packed
 variable-length tensors (total, H, D) with cumulative sequence starts (B + 1,) int32.

@@ -93,30 +93,21 @@ def kernels() -> ModuleType:
     raise RuntimeError(_kernels_error)
 
 
-def _kernels_importable() -> bool:
-    try:
-        kernels()
-    except RuntimeError:
-        return False
-    return True
-
-
-def capability(refusal: Callable[[ModuleType], str | None]) -> str | None:
-    """What the kernels cannot do here: ``refusal(kernels)``, or their import error."""
+def capability(refusal: Callable[..., str | None], *arguments) -> str | None:
+    """What the kernels cannot do here: ``refusal(kernels, *arguments)``, or their import error."""
     try:
         module = kernels()
     except RuntimeError as error:
         return str(error)
-    return refusal(module)
+    return refusal(module, *arguments)
 
 
-def choose(
-    op: str, device: torch.device, refusal: Callable[[ModuleType], str | None] | None = None
-) -> str:
+def choose(op: str, device: torch.device, refusal: Callable[..., str | None] | None = None, *arguments) -> str:
     """Pick "triton" or "torch" for ``op`` on ``device``.
 
-    ``refusal(kernels)`` names what the kernels cannot do with these arguments (None when they
-    can): under "auto" such calls take the torch path; under "triton" they raise ValueError.
+    ``refusal(kernels, *arguments)`` names what the kernels cannot do with these arguments (None
+    when they can): under "auto" such calls take the torch path; under "triton" they raise
+    ValueError.
     """
     backend = _current
     if backend == "torch":
@@ -128,16 +119,18 @@ def choose(
                 "set TRITON_INTERPRET=1 before importing engine, or move the tensors to CUDA"
             )
         module = kernels()  # raises, naming the import error, without Triton
-        reason = refusal(module) if refusal is not None else None
+        reason = refusal(module, *arguments) if refusal is not None else None
         if reason is not None:
             raise ValueError(f"{op}: the Triton kernel cannot run this call: {reason}")
         return "triton"
     # auto
     if device.type != "cuda":
         return "torch"
-    if not _kernels_importable():
+    try:
+        module = kernels()
+    except RuntimeError:
         warn_fallback(op, _kernels_error or "Triton kernels unavailable")
         return "torch"
-    if refusal is not None and refusal(kernels()) is not None:
+    if refusal is not None and refusal(module, *arguments) is not None:
         return "torch"
     return "triton"

@@ -5,24 +5,36 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Callable
 
 import torch
+import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
+from engine import launches
 from engine.backend import interpreting
 from engine.launches import LAUNCHES, count_launches, record  # noqa: F401  (re-exported)
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so the mode is fixed when this
 # package loads: read once here, not on every launch.
 INTERPRETED = interpreting()
-_dtype = operator.attrgetter("dtype")
-_items = operator.methodcaller("items")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for b > 0, as triton.cdiv (which, being jit-wrapped, costs microseconds a call)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1, as triton.next_power_of_2 (whose jit wrapper
+    costs microseconds a call; a symbolic n, while tracing, still takes it)."""
+    if type(n) is int:
+        return 1 << (n - 1).bit_length()
+    return triton.next_power_of_2(n)
 
 
 def _on_device_of(first: torch.Tensor):
@@ -50,7 +62,8 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     else:
         with _on_device_of(args[0]):
             kernel[grid](*args, **meta)
-    record(name)
+    if launches.active:
+        LAUNCHES[name] += 1
 
 
 TILES: Counter[str] = Counter()
@@ -82,13 +95,15 @@ def tile_counter(device: torch.device) -> torch.Tensor | None:
     return torch.zeros(1, dtype=torch.int32, device=device) if _counting_tiles else None
 
 
-def record_tiles(name: str, counter: torch.Tensor | None) -> None:
-    if counter is not None and not is_fake(counter):  # traced or shape-only calls count nothing
+def record_tiles(name: str, counter: torch.Tensor) -> None:
+    """Add the tiles a launch counted in ``counter`` (from tile_counter) to TILES."""
+    if not is_fake(counter):  # traced or shape-only calls count nothing
         TILES[name] += int(counter.item())
 
 
-# (launch name, device, compile-time arguments, tensor dtypes, tiles) -> index of the first tile that fits
-FITTING_TILE: dict[tuple, int] = {}
+# (launch name, device, first tensor's dtype, compile-time arguments, id of the tile list)
+#   -> (index of the first tile that fits, the tile list: kept alive so that its id stays its own)
+FITTING_TILE: dict[tuple, tuple[int, Sequence[dict]]] = {}
 # launch name -> the tile of its latest launch (what tile counts are measured in)
 LAST_TILE: dict[str, dict] = {}
 
@@ -97,29 +112,32 @@ def launch_tiled(name: str, kernel, tiles: Sequence[dict], grid: Callable[[dict]
     """Launch with the first of ``tiles`` (largest first) that fits the device's shared memory.
 
     Triton checks shared memory when a compiled program is first loaded and raises
-    OutOfResources before anything runs; the next tile is tried then, and the choice is kept per
-    launch name, device, compile-time arguments, dtypes and tile list. ``grid(tile)`` gives the grid.
-    A launch traced by torch.compile (nothing is compiled while tracing) takes the tile an eager
-    launch of the same key found fitting, else the first.
+    OutOfResources before anything runs; the next tile is tried then. The choice is kept per
+    launch name, device, dtype of the first argument (a tensor), compile-time arguments and tile
+    list (by identity: the launchers build each list once): one dict lookup per launch. A later
+    launch whose variant needs more memory still steps down from there. ``grid(tile)`` gives the
+    grid. A launch traced by torch.compile (nothing is compiled while tracing) takes the tile an
+    eager launch of the same key found fitting, else the first.
     """
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (name, tensors[0].device, tuple(sorted(meta.items())), tuple(map(_dtype, tensors)),
-           tuple(map(tuple, map(_items, tiles))))
-    if is_fake(tensors[0]):  # traced by torch.compile (or shapes only): recorded, not compiled, here
+    first = args[0]
+    key = (name, first.device, first.dtype, tuple(meta.items()), id(tiles))
+    if is_fake(first):  # traced by torch.compile (or shapes only): recorded, not compiled, here
         try:
-            tile = tiles[FITTING_TILE.get(key, 0)]
+            start = FITTING_TILE.get(key, (0,))[0]
         except TypeError:  # a symbolic (dynamic-shape) compile-time argument: no eager launch had it
-            tile = tiles[0]
-        launch(name, kernel, grid(tile), *args, **meta, **tile)
+            start = 0
+        launch(name, kernel, grid(tiles[start]), *args, **meta, **tiles[start])
         return
-    for index in range(FITTING_TILE.get(key, 0), len(tiles)):
+    start = FITTING_TILE.get(key, (0,))[0]
+    for index in range(start, len(tiles)):
         try:
             launch(name, kernel, grid(tiles[index]), *args, **meta, **tiles[index])
         except OutOfResources as error:
             if index == len(tiles) - 1:
                 raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error
             continue
-        FITTING_TILE[key] = index
+        if index != start:
+            FITTING_TILE[key] = (index, tiles)
         LAST_TILE[name] = tiles[index]
         return
 

@@ -22,14 +22,13 @@ reads it twice and accumulates its weight partials in memory.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import INTERPRETED, check_same_device, launch, parallel_programs
-
-NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
+from engine.kernels._launch import INTERPRETED, cdiv, check_same_device, launch, next_power_of_2, parallel_programs
 
 @triton.jit
 def _load_input_tile(
@@ -328,10 +327,19 @@ def _column_sum_kernel(
 _BLOCK_BYTES = 65536  # widest row block kept in registers
 
 
-def _tiling(width: int, element_size: int) -> dict:
+def tiling(width: int, element_size: int) -> dict:
     """Block sizes and warps for rows of ``width``: rows share a tile when the width is small. The
-    row count plays no part, so a traced call (torch.compile) keeps it dynamic: no guard on it."""
-    block_n = min(triton.next_power_of_2(width), _BLOCK_BYTES // element_size)
+    row count plays no part, so a traced call (torch.compile) keeps it dynamic: no guard on it.
+    Built once per (width, element size); the dict is shared, not to be changed."""
+    try:
+        return _tiling(width, element_size)
+    except TypeError:  # a symbolic width (dynamic shapes, while tracing) cannot key the cache
+        return _tiling.__wrapped__(width, element_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiling(width: int, element_size: int) -> dict:
+    block_n = min(next_power_of_2(width), _BLOCK_BYTES // element_size)
     tile_elements = 16384 if INTERPRETED else 4096  # fewer, larger programs suit the interpreter
     block_m = max(1, tile_elements // block_n)
     return dict(
@@ -344,27 +352,38 @@ def _tiling(width: int, element_size: int) -> dict:
 
 def column_blocks(width: int, dtype: torch.dtype) -> int:
     """How many column blocks one row of ``width`` elements of ``dtype`` is split into."""
-    return triton.cdiv(width, _tiling(width, torch.empty((), dtype=dtype).element_size())["BLOCK_N"])
+    return cdiv(width, tiling(width, dtype.itemsize)["BLOCK_N"])
 
 
-def _unit_stride_rows(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if t.shape != shape:
-        raise ValueError(f"norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    return t if t.stride(1) == 1 else t.contiguous()
-
-
-def _check_vector(name: str, t: torch.Tensor | None, width: int) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if t.shape != (width,):
-        raise ValueError(f"norm: {name} must have shape ({width},), got {tuple(t.shape)}")
-    if t.dtype not in NORM_DTYPES:
-        raise TypeError(f"norm: {name} dtype must be one of {NORM_DTYPES}, got {t.dtype}")
-    return t.contiguous()
-
-
+NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CASTING_MODES = {"gemma": 0, "llama": 1, "none": 2}
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _check_rows(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """``t`` (absent, or of ``shape``) has a dtype the kernels take."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"norm: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in NORM_DTYPES:
+        raise TypeError(f"norm: {name} dtype must be one of {NORM_DTYPES}, got {t.dtype}")
+
+
+def check_forward(x, weight, bias, residual, rms: bool) -> None:
+    """The forward launcher's contract (the ops check user input with clearer messages first)."""
+    if x.dim() != 2:
+        raise ValueError(f"norm: x must be 2-D (rows, width), got shape {tuple(x.shape)}")
+    _check_rows("x", x, x.shape)
+    if rms and bias is not None:
+        raise ValueError("norm: RMSNorm takes no bias")
+    check_same_device("norm", x=x, weight=weight, bias=bias, residual=residual)
+    for name, t, shape in (("weight", weight, x.shape[1:]), ("bias", bias, x.shape[1:]), ("residual", residual, x.shape)):
+        _check_rows(name, t, shape)
+
+
+def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def norm_forward(
@@ -380,60 +399,55 @@ def norm_forward(
     h_dtype: torch.dtype | None = None,
     act_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Normalise the rows of ``x`` (M, N), after adding ``residual`` (M, N) when given.
 
     h = x + residual in ``h_dtype`` (default: their promoted dtype), or None. The casting mode
     (RMSNorm) rounds to ``act_dtype`` (default: the normalised tensor's dtype); y has
     ``out_dtype`` (default: ``act_dtype``). Returns (y, h, mean (None for RMSNorm), rstd), the
-    statistics (M,) fp32.
+    statistics (M,) fp32. ``validate=False`` skips ``check_forward`` (for callers that checked).
     """
-    if x.dim() != 2:
-        raise ValueError(f"norm: x must be 2-D (rows, width), got shape {tuple(x.shape)}")
-    if x.dtype not in NORM_DTYPES:
-        raise TypeError(f"norm: x dtype must be one of {NORM_DTYPES}, got {x.dtype}")
-    if rms and bias is not None:
-        raise ValueError("norm: RMSNorm takes no bias")
-    check_same_device("norm", x=x, weight=weight, bias=bias, residual=residual)
-    x = _unit_stride_rows("x", x, x.shape)
+    if validate:
+        check_forward(x, weight, bias, residual, rms)
+    x = _unit_column_stride(x)
     rows, width = x.shape
-    weight, bias = _check_vector("weight", weight, width), _check_vector("bias", bias, width)
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     h = None
     if residual is not None:
-        if residual.dtype not in NORM_DTYPES:
-            raise TypeError(f"norm: residual dtype must be one of {NORM_DTYPES}, got {residual.dtype}")
-        residual = _unit_stride_rows("residual", residual, x.shape)
-        h = torch.empty(x.shape, dtype=h_dtype or torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        residual = _unit_column_stride(residual)
+        h = x.new_empty(x.shape, dtype=h_dtype or torch.promote_types(x.dtype, residual.dtype))
     normed = x if h is None else h
     act_dtype = act_dtype or normed.dtype
-    y = torch.empty(x.shape, dtype=out_dtype or act_dtype, device=x.device)
-    mean = None if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    y = x.new_empty(x.shape, dtype=out_dtype or act_dtype)
+    rstd = x.new_empty(rows, dtype=torch.float32)
+    mean = None if rms else torch.empty_like(rstd)
     if rows == 0 or width == 0:
         if h is not None:
             torch.add(x, residual, out=h)
         return y, h, mean, rstd
-    tiling = _tiling(width, max(x.element_size(), normed.element_size()))
+    tile = tiling(width, max(x.element_size(), normed.element_size()))
     launch(
         "rms_norm_fwd" if rms else "layer_norm_fwd",
         _norm_fwd_kernel,
-        (triton.cdiv(rows, tiling["BLOCK_M"]),),
+        (cdiv(rows, tile["BLOCK_M"]),),
         x, residual, h, y, weight, bias, mean, rstd,
         x.stride(0), 0 if residual is None else residual.stride(0), 0 if h is None else h.stride(0), y.stride(0),
         rows, width, eps,
         IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         OFFSET=float(offset), CASTING=CASTING_MODES[casting_mode], ACT=_TL_DTYPES[act_dtype],
-        **tiling,
+        **tile,
     )
     return y, h, mean, rstd
 
 
 def _column_sum(name: str, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     programs, width = partials.shape
-    out = torch.empty(width, dtype=dtype, device=partials.device)
-    block_n = min(triton.next_power_of_2(width), 256)
-    block_r = min(triton.next_power_of_2(programs), 64)
-    launch(name, _column_sum_kernel, (triton.cdiv(width, block_n),), partials, out, programs, width,
+    out = partials.new_empty(width, dtype=dtype)
+    block_n = min(next_power_of_2(width), 256)
+    block_r = min(next_power_of_2(programs), 64)
+    launch(name, _column_sum_kernel, (cdiv(width, block_n),), partials, out, programs, width,
            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
     return out
 
@@ -449,30 +463,34 @@ def norm_backward(
     bias_dtype: torch.dtype | None,
     rms: bool,
     offset: float = 0.0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``norm_forward`` from dy (M, N) and the saved x (h with a residual), mean, rstd.
 
     ``dh`` (M, N) is the gradient reaching h from elsewhere; it is added to dx. ``bias_dtype`` is
     None without a bias. Returns (dx in x's dtype, dweight in weight's dtype or None, dbias in
-    bias_dtype or None).
+    bias_dtype or None). ``validate=False`` skips the shape checks (for callers that checked).
     """
+    if validate:
+        for name, t in (("dy", dy), ("dh", dh)):
+            _check_rows(name, t, x.shape)
     has_bias = bias_dtype is not None
     rows, width = x.shape
-    dy = _unit_stride_rows("dy", dy, x.shape)
-    dh = None if dh is None else _unit_stride_rows("dh", dh, x.shape)
+    dy = _unit_column_stride(dy)
+    dh = None if dh is None else _unit_column_stride(dh)
     dx = torch.empty_like(x)
     if rows == 0 or width == 0:
         if dh is not None:
             dx.copy_(dh)
-        zeros = lambda dtype: torch.zeros(width, dtype=dtype, device=x.device)  # noqa: E731
+        zeros = lambda dtype: x.new_zeros(width, dtype=dtype)  # noqa: E731
         return dx, (zeros(weight.dtype) if weight is not None else None), (zeros(bias_dtype) if has_bias else None)
-    tiling = _tiling(width, max(x.element_size(), dy.element_size()))
-    rows_per_program = triton.cdiv(rows, parallel_programs(x.device))
-    rows_per_program = triton.cdiv(rows_per_program, tiling["BLOCK_M"]) * tiling["BLOCK_M"]
-    programs = triton.cdiv(rows, rows_per_program)
-    new_partials = torch.empty if tiling["SINGLE_BLOCK"] else torch.zeros
-    dw = new_partials((programs, width), dtype=torch.float32, device=x.device) if weight is not None else None
-    db = new_partials((programs, width), dtype=torch.float32, device=x.device) if has_bias else None
+    tile = tiling(width, max(x.element_size(), dy.element_size()))
+    rows_per_program = cdiv(rows, parallel_programs(x.device))
+    rows_per_program = cdiv(rows_per_program, tile["BLOCK_M"]) * tile["BLOCK_M"]
+    programs = cdiv(rows, rows_per_program)
+    new_partials = x.new_empty if tile["SINGLE_BLOCK"] else x.new_zeros
+    dw = new_partials((programs, width), dtype=torch.float32) if weight is not None else None
+    db = new_partials((programs, width), dtype=torch.float32) if has_bias else None
     name = "rms_norm" if rms else "layer_norm"
     launch(
         f"{name}_bwd",
@@ -482,7 +500,7 @@ def norm_backward(
         x.stride(0), dy.stride(0), 0 if dh is None else dh.stride(0), dx.stride(0),
         rows, width, rows_per_program,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None, OFFSET=float(offset),
-        **tiling,
+        **tile,
     )
     dweight = None if dw is None else _column_sum(f"{name}_bwd_dweight", dw, weight.dtype)
     dbias = None if db is None else _column_sum(f"{name}_bwd_dbias", db, bias_dtype)

@@ -57,12 +57,12 @@ def _attention_cases():
 @pytest.mark.parametrize("case", list(_norm_cases()))
 def test_norm_ops_pass_opcheck(case):
     args = _norm_cases()[case]
-    torch.library.opcheck(library.norm_fwd, args)
+    torch.library.opcheck(library.norm_fwd.op, args)
     x, residual, weight, bias, eps, rms, offset, _, _, _, _ = args
     y, h, mean, rstd = library.norm_fwd(*args)
     normed = x if residual is None else h
     weight = None if weight is None else weight.detach()  # the backward op itself is not differentiated
-    torch.library.opcheck(library.norm_bwd, (torch.randn_like(y), normed.detach(), weight, mean, rstd,
+    torch.library.opcheck(library.norm_bwd.op, (torch.randn_like(y), normed.detach(), weight, mean, rstd,
                                              None if residual is None else torch.randn_like(h), None if bias is None
                                              else bias.dtype, rms, offset))
 
@@ -70,10 +70,10 @@ def test_norm_ops_pass_opcheck(case):
 @pytest.mark.parametrize("case", list(_attention_cases()))
 def test_attention_ops_pass_opcheck(case):
     args = _attention_cases()[case]
-    torch.library.opcheck(library.attention_fwd, args)
+    torch.library.opcheck(library.attention_fwd.op, args)
     out, lse, lse_lo = library.attention_fwd(*args)
     q, k, v = (t.detach() for t in args[:3])
-    torch.library.opcheck(library.attention_bwd, (torch.randn_like(out), q, k, v, out.detach(), lse, lse_lo,
+    torch.library.opcheck(library.attention_bwd.op, (torch.randn_like(out), q, k, v, out.detach(), lse, lse_lo,
                                                   *args[3:]))
 
 

@@ -38,7 +38,7 @@ def dropout_seed(device: torch.device, generator: torch.Generator | None = None)
     return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where).to(device)
 
 
-def setup_attention_backward(ctx, inputs, output) -> None:
+def setup_attention_backward(ctx, inputs, output, keyword_only_inputs=None) -> None:
     """torch.ops.engine.attention_fwd's autograd context (registered by engine.ops.library). Saves
     q, k, v, the output and the log-sum-exp (with its low part when there is an additive
     mask): memory linear in Sq."""
@@ -58,9 +58,10 @@ def attention_backward(ctx, dout, _dlse, _dlse_lo):
         grads = _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k)
     else:
         o = ctx.options
-        grads = torch.ops.engine.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"],
-                                               o["dropout_p"], seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"],
-                                               o["max_seqlen_k"])
+        from engine.ops import library
+
+        grads = library.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"],
+                                      seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"])
     return *grads, *([None] * 9)
 
 
@@ -103,13 +104,6 @@ def _varlen_keep_masks(seed: torch.Tensor, heads: int, cu_seqlens_q, cu_seqlens_
     return masks
 
 
-def _fused_attention(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.ops.engine.attention_fwd(*args): (out, lse, lse_lo or absent)."""
-    from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
-
-    return library.attention_fwd(*args)
-
-
 def _is_plain(t: torch.Tensor) -> bool:
     """Whether ``t``'s memory holds its values: a torch.Tensor, an nn.Parameter, or a subclass
     that overrides neither ``__torch_function__`` nor ``__torch_dispatch__``."""
@@ -128,8 +122,8 @@ def _is_causal_bias(mask: torch.Tensor) -> bool:
     return isinstance(mask, CausalBias)
 
 
-def _kernel_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                    kernels: ModuleType) -> str | None:
+def _kernel_refusal(kernels: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: torch.Tensor | None) -> str | None:
     """Why the kernel cannot take these (already validated) arguments, or None."""
     attention = kernels.attention
     for name, t in (("query", q), ("key", k), ("value", v), ("attn_mask", attn_mask)):
@@ -242,17 +236,18 @@ def flash_attention(
     mask, alignment = _resolve_mask(op, attn_mask, _causal_alignment(causal), shape, query.device)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    refusal = lambda kernels: _kernel_refusal(query, key, value, mask, kernels)  # noqa: E731
-    if backend.choose(op, query.device, refusal) == "torch":
+    if backend.choose(op, query.device, _kernel_refusal, query, key, value, mask) == "torch":
         keep = None
         if dropout_p > 0:
             keep = torch.rand(shape, generator=generator).to(query.device) >= dropout_p
         out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
                                        dropout_keep=keep, dropout_p=dropout_p)
     else:
+        from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
+
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
-        out, lse, _ = _fused_attention(query, key, value, mask, scale, alignment, dropout_p, seed,
-                                       None, None, None, None)
+        out, lse, _ = library.attention_fwd(query, key, value, mask, scale, alignment, dropout_p, seed,
+                                            None, None, None, None)
     return (out, lse) if return_lse else out
 
 
@@ -315,18 +310,19 @@ def flash_attn_varlen(
     alignment = _causal_alignment(causal)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    refusal = lambda kernels: _kernel_refusal(query, key, value, None, kernels)  # noqa: E731
-    if backend.choose(op, query.device, refusal) == "torch":
+    if backend.choose(op, query.device, _kernel_refusal, query, key, value, None) == "torch":
         out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
                                     dropout_p=dropout_p, generator=generator)
     else:
+        from engine.ops import library
+
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
-        out, lse, _ = _fused_attention(query, key, value, None, scale, alignment, dropout_p, seed,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        out, lse, _ = library.attention_fwd(query, key, value, None, scale, alignment, dropout_p, seed,
+                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return (out, lse) if return_lse else out
 
 
-def _sdpa_refusal(query, key, value, mask, enable_gqa, kernels: ModuleType) -> str | None:
+def _sdpa_refusal(kernels: ModuleType, query, key, value, mask, enable_gqa) -> str | None:
     if query.dim() < 3 or key.dim() != query.dim():
         return f"query and key must both have 3 or more dims, got {query.dim()} and {key.dim()}"
     if query.dim() >= 4:
@@ -338,18 +334,19 @@ def _sdpa_refusal(query, key, value, mask, enable_gqa, kernels: ModuleType) -> s
         return f"batch dims differ: query {tuple(query.shape[:-2])}, key {tuple(key.shape[:-2])}"
     if mask is not None and _is_plain(mask) and _sdpa_mask_4d(mask, query, key) is None:
         return f"attn_mask of shape {tuple(mask.shape)} cannot be viewed as (batch, heads, L, S) without a copy"
-    return _kernel_refusal(query, key, value, mask, kernels)
+    return _kernel_refusal(kernels, query, key, value, mask)
 
 
 def _prepare_sdpa(op: str, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-    """Validate an SDPA call: (the kernel's mask, causal alignment, the kernel's refusal)."""
+    """Validate an SDPA call: (the kernel's mask, causal alignment)."""
     _check_qkv(op, query, key, value, gqa=enable_gqa)
-    if is_causal and attn_mask is not None and not _is_causal_bias(attn_mask):
-        raise InvalidArgument(f"{op}: pass either attn_mask or is_causal=True, not both")
-    mask, alignment = _resolve_mask(op, attn_mask, "top_left" if is_causal else None,
-                                    (*query.shape[:-1], key.shape[-2]), query.device)
     _check_dropout(op, dropout_p)
-    return mask, alignment, lambda kernels: _sdpa_refusal(query, key, value, mask, enable_gqa, kernels)
+    alignment = "top_left" if is_causal else None
+    if attn_mask is None:
+        return None, alignment
+    if is_causal and not _is_causal_bias(attn_mask):
+        raise InvalidArgument(f"{op}: pass either attn_mask or is_causal=True, not both")
+    return _resolve_mask(op, attn_mask, alignment, (*query.shape[:-1], key.shape[-2]), query.device)
 
 
 def explain_sdpa(
@@ -364,8 +361,8 @@ def explain_sdpa(
 ) -> str | None:
     """Why ``scaled_dot_product_attention`` with these arguments would take PyTorch's path instead
     of the kernel (whatever the backend), or None when the kernel takes them."""
-    _, _, refusal = _prepare_sdpa("explain_sdpa", query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    return backend.capability(refusal)
+    mask, _ = _prepare_sdpa("explain_sdpa", query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    return backend.capability(_sdpa_refusal, query, key, value, mask, enable_gqa)
 
 
 def _as_4d(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -398,13 +395,15 @@ def scaled_dot_product_attention(
     (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev). What the kernel cannot do
     takes PyTorch's path (``explain_sdpa`` says why); under backend "triton" that raises instead."""
     op = "scaled_dot_product_attention"
-    mask, alignment, refusal = _prepare_sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    if backend.choose(op, query.device, refusal) == "torch":
+    mask, alignment = _prepare_sdpa(op, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if backend.choose(op, query.device, _sdpa_refusal, query, key, value, mask, enable_gqa) == "torch":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     mask = None if mask is None else _sdpa_mask_4d(mask, query, key)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     seed = dropout_seed(query.device) if dropout_p > 0 else None
-    out, _, _ = _fused_attention(*_as_4d(query, key, value), mask, scale, alignment, dropout_p, seed,
-                                 None, None, None, None)
+    from engine.ops import library
+
+    qkv = (query, key, value) if query.dim() == 4 else _as_4d(query, key, value)
+    out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None)
     return out.view(query.shape)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

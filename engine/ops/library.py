@@ -7,7 +7,14 @@ themselves. Under Triton's interpreter (which cannot run on fake tensors) they a
 ``custom_op``s whose shape functions are the launchers run on fake tensors, where nothing is
 launched. Schemas take no optional outputs: an absent result (h without a residual, the mean of
 RMSNorm, lse_lo without an additive mask, a gradient nobody needs) is an empty tensor, which the
-wrappers turn back into None.
+wrappers turn back into None. Each op's keyword ``validate`` (default True) checks the
+launcher's contract; the engine's own front ends, having checked their arguments, skip it.
+
+The front ends call each op through a ``KernelOp``: the registered op wherever torch must see
+the call (torch.compile tracing, a dispatch or function mode such as FakeTensorMode or
+FlopCounterMode, functorch transforms), and otherwise its body directly, under an
+autograd.Function made of the same formulas when grad mode is on. The dispatcher's Python
+autograd layer costs more host time than the launcher itself; benchmarks/test_host.py measures it.
 
 This module is imported on first use of a kernel (engine.ops.norm and engine.ops.attention
 import it there; torch.compile runs that import while tracing): registering a triton_op loads
@@ -17,27 +24,56 @@ sets after ``import engine``. The autograd formulas live beside each op's front 
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from engine import backend
+import torch
+from torch import _C
+
+from engine import kernels
 from engine.kernels._launch import INTERPRETED  # the mode the kernels were decorated in
 
 _ABSENT = (0,)
 
 
+class KernelOp:
+    """``torch.ops.engine.<name>`` (``op``), or its ``body`` called without the dispatcher where
+    nothing needs the dispatcher: the same results either way (tests/test_compile.py)."""
+
+    def __init__(self, name: str, op, body: Callable):
+        self.name, self.op, self.body, self.function = name, op, body, None
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        """Give the op its backward, and the direct path an autograd.Function of the same formulas."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+        body = self.body
+
+        def forward(ctx, *inputs):
+            output = body(*inputs, validate=False)
+            setup_context(ctx, inputs, output)
+            return output
+
+        self.function = type(f"{self.name}_function", (torch.autograd.Function,),
+                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if (torch.compiler.is_compiling() or _C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled()
+                or _C._are_functorch_transforms_active()):
+            return self.op(*args)  # traced, or watched: through torch's dispatcher
+        if self.function is not None and _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            return self.function.apply(*args)
+        return self.body(*args, validate=False)
+
+
 def _kernel_op(name: str):
-    """Register the decorated launcher as ``torch.ops.engine.<name>``."""
+    """Register the decorated launcher as ``torch.ops.engine.<name>``; return its KernelOp."""
     def register(function):
         if INTERPRETED:
             op = torch.library.custom_op(f"engine::{name}", mutates_args=())(function)
             op.register_fake(function)
-            return op
-        return torch.library.triton_op(f"engine::{name}", mutates_args=())(function)
+        else:
+            op = torch.library.triton_op(f"engine::{name}", mutates_args=())(function)
+        return KernelOp(name, op, function)
     return register
-
-
-def _or_absent(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return like.new_empty(_ABSENT, dtype=dtype or like.dtype) if t is None else t
 
 
 def present(t: torch.Tensor) -> torch.Tensor | None:
@@ -48,36 +84,38 @@ def present(t: torch.Tensor) -> torch.Tensor | None:
 @_kernel_op("norm_fwd")
 def norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
              eps: float, rms: bool, offset: float, casting_mode: str, h_dtype: torch.dtype | None,
-             act_dtype: torch.dtype | None, out_dtype: torch.dtype | None
+             act_dtype: torch.dtype | None, out_dtype: torch.dtype | None, *, validate: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows x (M, N) [+ residual] -> (y, h or absent, mean (LayerNorm) or absent, rstd (M,) fp32)."""
-    y, h, mean, rstd = backend.kernels().norm_forward(
+    y, h, mean, rstd = kernels.norm_forward(
         x, weight, bias, residual, eps=eps, rms=rms, offset=offset, casting_mode=casting_mode, h_dtype=h_dtype,
-        act_dtype=act_dtype, out_dtype=out_dtype)
-    return y, _or_absent(h, x), _or_absent(mean, rstd), rstd
+        act_dtype=act_dtype, out_dtype=out_dtype, validate=validate)
+    return y, x.new_empty(_ABSENT) if h is None else h, rstd.new_empty(_ABSENT) if mean is None else mean, rstd
 
 
 @_kernel_op("norm_bwd")
 def norm_bwd(dy: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-             rstd: torch.Tensor, dh: torch.Tensor | None, bias_dtype: torch.dtype | None, rms: bool, offset: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             rstd: torch.Tensor, dh: torch.Tensor | None, bias_dtype: torch.dtype | None, rms: bool, offset: float,
+             *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like normed, dweight or absent, dbias or absent) from dy and norm_fwd's saved tensors."""
-    dx, dweight, dbias = backend.kernels().norm_backward(
-        dy, normed, weight, None if rms else mean, rstd, dh, bias_dtype=bias_dtype, rms=rms, offset=offset)
-    return dx, _or_absent(dweight, dx), _or_absent(dbias, dx)
+    dx, dweight, dbias = kernels.norm_backward(
+        dy, normed, weight, None if rms else mean, rstd, dh, bias_dtype=bias_dtype, rms=rms, offset=offset,
+        validate=validate)
+    return (dx, dx.new_empty(_ABSENT) if dweight is None else dweight,
+            dx.new_empty(_ABSENT) if dbias is None else dbias)
 
 
 @_kernel_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  max_seqlen_q: int | None, max_seqlen_k: int | None
+                  max_seqlen_q: int | None, max_seqlen_k: int | None, *, validate: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out like q, lse fp32, lse_lo or absent): see engine.kernels.attention_forward."""
-    out, lse, lse_lo = backend.kernels().attention_forward(
+    out, lse, lse_lo = kernels.attention_forward(
         q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    return out, lse, _or_absent(lse_lo, lse)
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
+    return out, lse, lse.new_empty(_ABSENT) if lse_lo is None else lse_lo
 
 
 @_kernel_op("attention_bwd")
@@ -85,13 +123,13 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, lse_lo: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  max_seqlen_q: int | None, max_seqlen_k: int | None
+                  max_seqlen_q: int | None, max_seqlen_k: int | None, *, validate: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): see engine.kernels.attention_backward."""
-    return backend.kernels().attention_backward(
-        dout, q, k, v, out, lse, scale=scale, lse_lo=present(lse_lo), causal=causal, mask=mask, dropout_p=dropout_p,
-        seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k)
+    return kernels.attention_backward(
+        dout, q, k, v, out, lse, scale=scale, lse_lo=present(lse_lo), causal=causal,
+        mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
 
 
 # The backward formulas (kernels, or the eager reference under create_graph) beside each op's front end.

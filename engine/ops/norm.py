@@ -74,16 +74,21 @@ def _out_dtype(act_dtype: torch.dtype, weight: torch.Tensor | None, casting_mode
     return act_dtype
 
 
+def _dtype_refusal(kernels: ModuleType, *tensors: torch.Tensor | None) -> str | None:
+    """The dtypes of ``tensors`` the kernel does not take, if any."""
+    dtypes = kernels.norm.NORM_DTYPES
+    for t in tensors:  # a loop, not a comprehension, on the common path: no extra Python call
+        if t is not None and t.dtype not in dtypes:
+            unsupported = sorted({str(t.dtype) for t in tensors if t is not None and t.dtype not in dtypes})
+            return f"dtype {', '.join(unsupported)} (the kernel takes float32, float16, bfloat16)"
+    return None
+
+
 def _choose(op: str, *tensors: torch.Tensor | None) -> str:
-    def refusal(kernels: ModuleType) -> str | None:
-        dtypes = {t.dtype for t in tensors if t is not None}
-        unsupported = sorted(str(d) for d in dtypes if d not in kernels.norm.NORM_DTYPES)
-        return f"dtype {', '.join(unsupported)} (the kernel takes float32, float16, bfloat16)" if unsupported else None
-
-    return backend.choose(op, tensors[0].device, refusal)
+    return backend.choose(op, tensors[0].device, _dtype_refusal, *tensors)
 
 
-def setup_norm_backward(ctx, inputs, output) -> None:
+def setup_norm_backward(ctx, inputs, output, keyword_only_inputs=None) -> None:
     """torch.ops.engine.norm_fwd's autograd context (registered by engine.ops.library)."""
     x, residual, weight, bias, eps, rms, offset, casting_mode, _, act_dtype, _ = inputs
     _, h, mean, rstd = output
@@ -105,8 +110,10 @@ def norm_backward(ctx, dy, dh, _dmean, _drstd):
     else:
         if dy is None:
             dy = torch.zeros_like(normed)
-        dx, dweight, dbias = torch.ops.engine.norm_bwd(dy, normed, weight, mean, rstd, dh, ctx.bias_dtype, ctx.rms,
-                                                       ctx.options["offset"])
+        from engine.ops import library
+
+        dx, dweight, dbias = library.norm_bwd(dy, normed, weight, mean, rstd, dh, ctx.bias_dtype, ctx.rms,
+                                              ctx.options["offset"])
         dweight = None if weight is None else dweight
         dbias = None if ctx.bias_dtype is None else dbias
     dresidual = None if ctx.residual_dtype is None or dx is None else dx.to(ctx.residual_dtype)
@@ -134,10 +141,8 @@ def _differentiable_backward(ctx, dy, dh, normed, weight) -> tuple:
     return dx, dweight, dbias
 
 
-def _rows(t: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | None:
+def _rows(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """(rows, width) view with unit column stride; copies only when no such view exists."""
-    if t is None:
-        return None
     matrix = t.reshape(rows, width)  # (M, N); explicit sizes: either may be 0
     return matrix if matrix.stride(-1) == 1 else matrix.contiguous()
 
@@ -149,8 +154,8 @@ def _fused_norm(input, residual, shape, weight, bias, eps, rms, *, offset=0.0, c
     bias = None if bias is None else bias.reshape(width)
     from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
 
-    y, h, _, _ = library.norm_fwd(_rows(input, rows, width), _rows(residual, rows, width), weight, bias,
-                                           eps, rms, offset, casting_mode, h_dtype, act_dtype, out_dtype)
+    y, h, _, _ = library.norm_fwd(_rows(input, rows, width), None if residual is None else _rows(residual, rows, width),
+                                  weight, bias, eps, rms, offset, casting_mode, h_dtype, act_dtype, out_dtype)
     if residual is None:
         return y.view(input.shape)
     return y.view(input.shape), h.view(input.shape)

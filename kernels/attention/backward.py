@@ -7,10 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import launch, launch_tiled, record_tiles, tile_counter
+from engine.kernels._launch import cdiv, launch, launch_tiled, record_tiles, tile_counter
 from engine.kernels.attention.common import (
-    Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
-    _sequences, _tile_mask, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
+    NO_MASK, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
+    _sequences, _tile_mask, check, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
 )
 
 
@@ -229,36 +229,42 @@ def attention_backward(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo."""
+    """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo.
+    ``validate=False`` skips ``check`` (for callers that checked)."""
+    if validate:
+        check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     q, k, v, out, do = unit_last_stride(q, k, v, out, do)
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(dk)  # the dK/dV kernel writes both through one set of strides
     if layout.empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    mask, mask_strides, mask_is_bool = mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, seed, layout, q.dtype)
+    mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)
     delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
+    strides = layout.strides(q, k, v, do, out, dk, dq)  # three (batch, head, token) strides each
     launch(
         "attention_bwd_delta", _attn_bwd_delta_kernel,
-        (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, delta_rows)),
-        out, do, delta, *layout.strides(out, do), *lse_strides, cu_seqlens_q,
+        (layout.batch * layout.heads, cdiv(layout.seqlen_q, delta_rows)),
+        out, do, delta, *strides[12:15], *strides[9:12], *lse_strides, cu_seqlens_q,
         layout.heads, layout.seqlen_q, layout.total_q, layout.head_dim,
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
-    shared = layout.strides(q, k, v, do)
+    shared = strides[:12]  # q, k, v, do
     sizes = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
     tile_list = tiles(layout.head_dim, q.dtype, backward=True)
     for name, kernel, grid, outputs, out_strides, heads in (
         ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
-         lambda tile: (layout.batch * layout.kv_heads, triton.cdiv(layout.seqlen_k, tile["BLOCK_N"])),
-         (dk, dv), layout.strides(dk), (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads)),
+         lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),
+         (dk, dv), strides[15:18], (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads)),
         ("attention_bwd_dq", _attn_bwd_dq_kernel,
-         lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
-         (dq,), layout.strides(dq), (layout.heads, layout.heads // layout.kv_heads)),
+         lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
+         (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads)),
     ):
         counter = tile_counter(q.device)
         launch_tiled(
@@ -267,5 +273,6 @@ def attention_backward(
             *shared, *out_strides, *lse_strides, *mask_strides, *heads, *sizes,
             **meta, COUNT_TILES=counter is not None,
         )
-        record_tiles(name, counter)
+        if counter is not None:
+            record_tiles(name, counter)
     return dq, dk, dv

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import INTERPRETED, check_same_device, launch
+from engine.kernels._launch import INTERPRETED, cdiv, check_same_device, launch, next_power_of_2
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -193,7 +193,7 @@ def _dropout_mask_kernel(
 
 def head_block(head_dim: int) -> int:
     """BLOCK_D: the head dim rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dict, ...]:
@@ -279,7 +279,7 @@ def unit_last_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k) -> None:
+def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p: float, seed: torch.Tensor | None) -> None:
     """The launchers' contract (the ops validate user input with clearer messages first)."""
     varlen = cu_seqlens_q is not None
     rank = 3 if varlen else 4
@@ -312,12 +312,17 @@ def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k) -> None:
             raise ValueError("attention: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
         if mask is not None:
             raise ValueError("attention: packed (variable-length) batches take no attn_mask")
+    if dropout_p > 0 and (seed is None or seed.shape != (1,) or seed.dtype != torch.int64):
+        raise ValueError(f"attention: dropout needs a (1,) int64 seed tensor, got "
+                         f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
 
 
-def mask_args(mask: torch.Tensor | None, layout: Layout) -> tuple:
-    """(mask tensor, its 4 strides broadcast to (B, Hq, Sq, Sk), whether boolean)."""
-    if mask is None:
-        return None, (0, 0, 0, 0), False
+NO_MASK = (None, (0, 0, 0, 0), False)  # mask_args without a mask
+
+
+def mask_args(mask: torch.Tensor, layout: Layout) -> tuple:
+    """(mask tensor, its 4 strides broadcast to (B, Hq, Sq, Sk), whether boolean); NO_MASK
+    stands for an absent mask."""
     full = (layout.batch, layout.heads, layout.seqlen_q, layout.seqlen_k)
     try:
         expanded = mask.expand(full)  # a view: broadcast dimensions get stride 0
@@ -332,12 +337,9 @@ def mask_args(mask: torch.Tensor | None, layout: Layout) -> tuple:
     return expanded, tuple(expanded.stride()), is_bool
 
 
-def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float,
-          seed: torch.Tensor | None, layout: Layout, dtype: torch.dtype) -> dict:
-    """The compile-time arguments every attention kernel takes (dropout needs its (1,) int64 seed)."""
-    if dropout_p > 0 and (seed is None or seed.shape != (1,) or seed.dtype != torch.int64):
-        raise ValueError(f"attention: dropout needs a (1,) int64 seed tensor, got "
-                         f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
+def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
+          dtype: torch.dtype) -> dict:
+    """The compile-time arguments every attention kernel takes."""
     return dict(
         IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
@@ -357,6 +359,6 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
     """The (B, H, Sq, Sk) boolean keep mask that padded attention with this (1,) int64 seed applies."""
     keep = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     if keep.numel():
-        launch("attention_dropout_mask", _dropout_mask_kernel, (batch * heads, triton.cdiv(seqlen_q, 64)),
+        launch("attention_dropout_mask", _dropout_mask_kernel, (batch * heads, cdiv(seqlen_q, 64)),
                keep, seed.to(device), heads, seqlen_q, seqlen_k, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return keep

@@ -6,10 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import launch_tiled, record_tiles, tile_counter
+from engine.kernels._launch import cdiv, launch_tiled, record_tiles, tile_counter
 from engine.kernels.attention.common import (
-    LN2, Layout, _dropout_keep, _exp, _keys_end, _live_keys, _load_tile, _scores, _sequences, _tile_mask, check,
-    dropout_scale, flags, mask_args, tiles, unit_last_stride,
+    LN2, NO_MASK, Layout, _dropout_keep, _exp, _keys_end, _live_keys, _load_tile, _scores, _sequences, _tile_mask,
+    check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
 )
 
 
@@ -120,21 +120,24 @@ def attention_forward(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Sk, D), or packed (total, H, D) with
     cumulative starts. ``causal``: None, "top_left" or "bottom_right". ``mask``: bool (True =
     attend) or additive, broadcastable to (B, Hq, Sq, Sk).
 
     Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
-    holds what rounding lse lost, for the backward, with an additive mask; None otherwise."""
-    check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k)
+    holds what rounding lse lost, for the backward, with an additive mask; None otherwise.
+    ``validate=False`` skips ``check`` (for callers that checked)."""
+    if validate:
+        check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     q, k, v = unit_last_stride(q, k, v)
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
-    mask, mask_strides, mask_is_bool = mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, seed, layout, q.dtype)
-    lse_lo = layout.new_lse(q) if meta["NATURAL"] else None
+    mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
     if layout.empty:
         out.zero_(), lse.fill_(float("inf"))
         if lse_lo is not None:
@@ -143,7 +146,7 @@ def attention_forward(
     counter = tile_counter(q.device)
     launch_tiled(
         "attention_fwd", _attn_fwd_kernel, tiles(layout.head_dim, q.dtype, backward=False),
-        lambda tile: (layout.batch * layout.heads, triton.cdiv(layout.seqlen_q, tile["BLOCK_M"])),
+        lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
         q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k, counter,
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
@@ -151,5 +154,6 @@ def attention_forward(
         scale, dropout_p, dropout_scale(dropout_p), seed,
         **meta, COUNT_TILES=counter is not None,
     )
-    record_tiles("attention_fwd", counter)
+    if counter is not None:
+        record_tiles("attention_fwd", counter)
     return out, lse, lse_lo

@@ -77,3 +77,17 @@ def test_a_traced_launch_takes_the_tile_an_eager_launch_found_fitting(monkeypatc
     _launch.launch_tiled("fake", FakeKernel(limit=0), TILES, lambda tile: (1,), traced)
     _launch.launch_tiled("fake", FakeKernel(limit=0), TILES, lambda tile: (1,), other_dtype)
     assert tiles == [64, 128]  # the remembered tile; the first where nothing was learnt
+
+
+def test_launches_are_counted_only_while_a_block_counts(kernel_device):
+    from engine.kernels import LAUNCHES, norm_forward
+
+    x = torch.randn(4, 32, device=kernel_device)
+    before = LAUNCHES.copy()
+    norm_forward(x, eps=1e-5, rms=False)
+    assert LAUNCHES == before  # no block open: the launch paid nothing for bookkeeping
+    with count_launches() as outer:
+        norm_forward(x, eps=1e-5, rms=False)
+        with count_launches() as inner:
+            norm_forward(x, eps=1e-5, rms=True)
+    assert outer == {"layer_norm_fwd": 1, "rms_norm_fwd": 1} and inner == {"rms_norm_fwd": 1}

@@ -305,7 +305,7 @@ def test_bytes_saved_for_backward_grow_linearly_with_sequence_length():
 
 @pytest.mark.parametrize(
     "case",
-    ["3d", "4d", "5d", "gqa", "causal", "bool-mask", "float-mask-3d", "non-contiguous"],
+    ["3d", "4d", "5d", "gqa", "causal", "bool-mask", "float-mask-3d", "non-contiguous", "key, value layouts differ"],
 )
 def test_sdpa_matches_torch(case):
     torch.manual_seed(0)
@@ -325,6 +325,8 @@ def test_sdpa_matches_torch(case):
         options = dict(attn_mask=torch.randn(37, 50, device=dev))
     elif case == "non-contiguous":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    elif case == "key, value layouts differ":  # dK and dV must each get their own strides' worth
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
     assert engine.ops.explain_sdpa(q, k, v, **options) is None
     launches = check_against_torch(
         lambda q, k, v: engine.ops.scaled_dot_product_attention(q, k, v, **options),

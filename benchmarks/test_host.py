@@ -8,7 +8,9 @@ Needs the kernels: a GPU, or Triton's interpreter on CPU (set by `engine gate`).
 """
 
 import contextlib
+import functools
 import sys
+import types
 
 import pytest
 import torch
@@ -18,11 +20,21 @@ import engine
 from engine import backend
 
 SIZES = {"small": [(2, 4, 16, 64)], "gpu": [(2, 4, 16, 64)]}  # (batch, heads, tokens, head dim)
+
+
+def _sdpa_forward_backward(sdpa, q, grad):
+    sdpa(q, q, q, is_causal=True).backward(grad)
+
+
+# op -> (PyTorch's call, the engine's): each takes the inputs x, w, b (norm) and q, q_grad, grad (attention)
 CALLS = {
-    "layer_norm forward": (lambda x, q, w, b: F.layer_norm(x, x.shape[-1:], w, b),
-                           lambda x, q, w, b: engine.ops.layer_norm(x, x.shape[-1:], w, b)),
-    "sdpa forward": (lambda x, q, w, b: F.scaled_dot_product_attention(q, q, q, is_causal=True),
-                     lambda x, q, w, b: engine.ops.scaled_dot_product_attention(q, q, q, is_causal=True)),
+    "layer_norm forward": (lambda i: F.layer_norm(i.x, i.x.shape[-1:], i.w, i.b),
+                           lambda i: engine.ops.layer_norm(i.x, i.x.shape[-1:], i.w, i.b)),
+    "sdpa forward": (lambda i: F.scaled_dot_product_attention(i.q, i.q, i.q, is_causal=True),
+                     lambda i: engine.ops.scaled_dot_product_attention(i.q, i.q, i.q, is_causal=True)),
+    "sdpa forward+backward": (
+        lambda i: _sdpa_forward_backward(F.scaled_dot_product_attention, i.q_grad, i.grad),
+        lambda i: _sdpa_forward_backward(engine.ops.scaled_dot_product_attention, i.q_grad, i.grad)),
 }
 
 
@@ -59,18 +71,19 @@ def test_host_path(benchmark, op, provider, shape, device):
 
     batch, heads, tokens, head_dim = shape
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch * tokens, heads * head_dim, generator=generator).to(device)
     q = torch.randn(batch, heads, tokens, head_dim, generator=generator).to(device)
+    x = torch.randn(batch * tokens, heads * head_dim, generator=generator).to(device)
     w, b = torch.ones(heads * head_dim, device=device), torch.zeros(heads * head_dim, device=device)
-    call = CALLS[op][provider == "engine"]
+    inputs = types.SimpleNamespace(x=x, w=w, b=b, q=q, q_grad=q.clone().requires_grad_(), grad=torch.ones_like(q))
+    call = functools.partial(CALLS[op][provider == "engine"], inputs)
     with contextlib.ExitStack() as stack:
         if provider == "engine":
             stack.enter_context(backend.use_backend("triton"))
             stack.enter_context(stubbed_launches())
-        call(x, q, w, b)  # first call: registration, compilation, tile choice
+        call()  # first call: registration, compilation, tile choice
         with count_launches() as launches:
-            call(x, q, w, b)
+            call()
         benchmark.extra_info.update(case=f"host path {op} (launch stubbed)", provider=provider, bytes=0, flops=0,
                                     tokens=0, peak_flops=None, kernel_launches=launches.total(), peak_bytes=None,
                                     device=str(device))
-        benchmark(lambda: call(x, q, w, b))  # no device sync: the host's time is what is measured
+        benchmark(call)  # no device sync: the host's time is what is measured

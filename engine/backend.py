@@ -85,7 +85,7 @@ def kernels() -> ModuleType:
     global _kernels_error
     if _kernels_error is None:
         try:
-            from engine import kernels as module
+            import engine.kernels as module
         except ImportError as error:  # no triton on this platform
             _kernels_error = f"Triton kernels unavailable ({error})"
         else:
@@ -113,12 +113,12 @@ def choose(op: str, device: torch.device, refusal: Callable[..., str | None] | N
     if backend == "torch":
         return "torch"
     if backend == "triton":
-        if device.type == "cpu" and not interpreting():
+        module = kernels()  # raises, naming the import error, without Triton
+        if device.type == "cpu" and not module.INTERPRETED:  # the mode the kernels were decorated in
             raise RuntimeError(
                 f"{op}: backend 'triton' got CPU tensors, but Triton's interpreter is off; "
                 "set TRITON_INTERPRET=1 before importing engine, or move the tensors to CUDA"
             )
-        module = kernels()  # raises, naming the import error, without Triton
         reason = refusal(module, *arguments) if refusal is not None else None
         if reason is not None:
             raise ValueError(f"{op}: the Triton kernel cannot run this call: {reason}")

@@ -16,6 +16,7 @@ import torch
 
 from engine import backend, extension
 from engine.launches import record
+from engine.ops import multi_tensor  # noqa: F401  (registers torch.ops.engine.adamw_step and the clip ops)
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -129,7 +130,7 @@ class FusedAdamW(torch.optim.AdamW):
             return loss
         amp = _AmpScalars(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for group in self.param_groups:
-            self._step_group(ext, group, amp)
+            self._step_group(group, amp)
         return loss
 
     def _torch_step(self) -> None:
@@ -147,7 +148,7 @@ class FusedAdamW(torch.optim.AdamW):
         finally:
             self.__dict__.update(amp)
 
-    def _step_group(self, ext, group: dict, amp: "_AmpScalars") -> None:
+    def _step_group(self, group: dict, amp: "_AmpScalars") -> None:
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -164,7 +165,7 @@ class FusedAdamW(torch.optim.AdamW):
             states = [self._state_of(p, group["amsgrad"]) for p in params]
             lanes = [_Lane(p) for p in params]
             grad_scale, found_inf = amp.on(device)
-            ext.adamw_step(
+            torch.ops.engine.adamw_step(
                 [lane.param for lane in lanes], [lane.grad for lane in lanes],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
@@ -244,7 +245,7 @@ def clip_grad_norm_(
     first_device = grads[0].device
     norms = []
     for (device, _), tensors in groups.items():
-        norms.append(ext.multi_tensor_norm(tensors, inf_norm).to(first_device))
+        norms.append(torch.ops.engine.multi_tensor_norm(tensors, inf_norm).to(first_device))
         record(f"grad_norm_{device.type}")
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
     if error_if_nonfinite and (total.isnan() or total.isinf()):
@@ -255,6 +256,6 @@ def clip_grad_norm_(
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for (device, _), tensors in groups.items():
-        ext.multi_tensor_scale_(tensors, coef.to(device))
+        torch.ops.engine.multi_tensor_scale_(tensors, coef.to(device))
         record(f"grad_scale_{device.type}")
     return total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads)))

@@ -6,12 +6,12 @@ counted in ``LAUNCHES`` so tests and the regression gate can see which kernels r
 """
 
 from engine.kernels import attention, norm
-from engine.kernels._launch import LAUNCHES, TILES, count_launches, count_tiles
+from engine.kernels._launch import INTERPRETED, LAUNCHES, TILES, count_launches, count_tiles
 from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
 from engine.kernels.norm import norm_backward, norm_forward
 
 __all__ = [
-    "LAUNCHES", "TILES", "attention", "attention_backward", "attention_forward", "count_launches", "count_tiles",
+    "INTERPRETED", "LAUNCHES", "TILES", "attention", "attention_backward", "attention_forward", "count_launches", "count_tiles",
     "dropout_keep_mask",
     "norm", "norm_backward", "norm_forward",
 ]

@@ -22,6 +22,7 @@ from engine.launches import LAUNCHES, count_launches, record  # noqa: F401  (re-
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so the mode is fixed when this
 # package loads: read once here, not on every launch.
 INTERPRETED = interpreting()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # never fake: answered without torch's subclass walk
 
 
 def cdiv(a: int, b: int) -> int:
@@ -53,7 +54,7 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     kernel directly. Under the interpreter the ops are opaque ``custom_op``s whose shape functions
     run these launchers on fake tensors: then nothing is launched. Only real launches are counted.
     The first argument is a tensor."""
-    if is_fake(args[0]):  # traced: not a launch yet (the compiled graph runs it; no counter sees that)
+    if type(args[0]) not in _PLAIN and is_fake(args[0]):  # traced: the compiled graph launches it, uncounted
         if not INTERPRETED:
             wrap_triton(kernel)[grid](*args, **meta)
         return
@@ -97,7 +98,7 @@ def tile_counter(device: torch.device) -> torch.Tensor | None:
 
 def record_tiles(name: str, counter: torch.Tensor) -> None:
     """Add the tiles a launch counted in ``counter`` (from tile_counter) to TILES."""
-    if not is_fake(counter):  # traced or shape-only calls count nothing
+    if type(counter) in _PLAIN or not is_fake(counter):  # traced or shape-only calls count nothing
         TILES[name] += int(counter.item())
 
 
@@ -121,7 +122,7 @@ def launch_tiled(name: str, kernel, tiles: Sequence[dict], grid: Callable[[dict]
     """
     first = args[0]
     key = (name, first.device, first.dtype, tuple(meta.items()), id(tiles))
-    if is_fake(first):  # traced by torch.compile (or shapes only): recorded, not compiled, here
+    if type(first) not in _PLAIN and is_fake(first):  # traced (or shapes only): recorded, not compiled, here
         try:
             start = FITTING_TILE.get(key, (0,))[0]
         except TypeError:  # a symbolic (dynamic-shape) compile-time argument: no eager launch had it

@@ -417,10 +417,10 @@ def norm_forward(
     h = None
     if residual is not None:
         residual = _unit_column_stride(residual)
-        h = x.new_empty(x.shape, dtype=h_dtype or torch.promote_types(x.dtype, residual.dtype))
+        h = torch.empty_like(x, dtype=h_dtype or torch.promote_types(x.dtype, residual.dtype))
     normed = x if h is None else h
     act_dtype = act_dtype or normed.dtype
-    y = x.new_empty(x.shape, dtype=out_dtype or act_dtype)
+    y = torch.empty_like(x, dtype=out_dtype or act_dtype)
     rstd = x.new_empty(rows, dtype=torch.float32)
     mean = None if rms else torch.empty_like(rstd)
     if rows == 0 or width == 0:

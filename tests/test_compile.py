@@ -77,6 +77,55 @@ def test_attention_ops_pass_opcheck(case):
                                                   *args[3:]))
 
 
+def _optimizer_parameters():
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(*shape, generator=generator).to(DEVICE).requires_grad_() for shape in ((8, 12), (12,))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(DEVICE) * 3
+    return params
+
+
+def test_multi_tensor_ops_pass_opcheck():
+    params = [p.detach() for p in _optimizer_parameters()]
+    grads = [p.grad for p in _optimizer_parameters()]
+    moments = [[torch.rand_like(p) for p in params] for _ in range(3)]
+    steps = [torch.ones((), device=DEVICE) for _ in params]
+    scale = torch.full((), 4.0, device=DEVICE)
+    for amsgrad, grad_scale in ((False, None), (True, scale)):
+        torch.library.opcheck(torch.ops.engine.adamw_step.default, (
+            params, grads, moments[0], moments[1], moments[2] if amsgrad else [], steps, 1e-3, 0.9, 0.999, 1e-8,
+            0.99, False, amsgrad, grad_scale, None))
+    for inf_norm in (False, True):
+        torch.library.opcheck(torch.ops.engine.multi_tensor_norm.default, (grads, inf_norm))
+    torch.library.opcheck(torch.ops.engine.multi_tensor_scale_.default, (grads, torch.full((), 0.5, device=DEVICE)))
+
+
+def test_an_optimizer_step_with_clipping_compiles_whole():
+    """FusedAdamW.step and clip_grad_norm_ reach the extension through torch.ops.engine.*, so they
+    compile with fullgraph=True and give the eager results (two steps, amsgrad, weight decay)."""
+    from engine.optim import FusedAdamW, clip_grad_norm_
+
+    def run(step, clip, params, optimizer):
+        norms = []
+        for _ in range(2):
+            norms.append(clip(params))
+            step(optimizer)
+        return norms + [p.detach().clone() for p in params] + [optimizer.state[p]["exp_avg"] for p in params]
+
+    counters.clear()
+    torch._dynamo.reset()
+    expected_params, got_params = _optimizer_parameters(), _optimizer_parameters()
+    options = dict(lr=0.1, weight_decay=0.1, amsgrad=True)
+    expected = run(lambda opt: opt.step(), lambda ps: clip_grad_norm_(ps, 1.0), expected_params,
+                   FusedAdamW(expected_params, **options))
+    optimizer = FusedAdamW(got_params, **options)
+    step = torch.compile(optimizer.step, backend=COMPILER, fullgraph=True)
+    clip = torch.compile(lambda ps: clip_grad_norm_(ps, 1.0), backend=COMPILER, fullgraph=True)
+    got = run(lambda opt: step(), clip, got_params, optimizer)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
 def _compiled_matches_eager(model, run, *, dynamic=None):
     """run(model) under the kernels, eager then compiled: (eager result, compiled result, launches)."""
     counters.clear()

@@ -58,7 +58,7 @@ def attention_backward(ctx, dout, _dlse, _dlse_lo):
         grads = _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k)
     else:
         o = ctx.options
-        from engine.ops import library
+        import engine.ops.library as library
 
         grads = library.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"],
                                       seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"])
@@ -243,7 +243,7 @@ def flash_attention(
         out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
                                        dropout_keep=keep, dropout_p=dropout_p)
     else:
-        from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
+        import engine.ops.library as library  # registers torch.ops.engine.* on first use (it imports Triton)
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, mask, scale, alignment, dropout_p, seed,
@@ -314,7 +314,7 @@ def flash_attn_varlen(
         out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
                                     dropout_p=dropout_p, generator=generator)
     else:
-        from engine.ops import library
+        import engine.ops.library as library
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, None, scale, alignment, dropout_p, seed,
@@ -402,8 +402,8 @@ def scaled_dot_product_attention(
     mask = None if mask is None else _sdpa_mask_4d(mask, query, key)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     seed = dropout_seed(query.device) if dropout_p > 0 else None
-    from engine.ops import library
+    import engine.ops.library as library
 
     qkv = (query, key, value) if query.dim() == 4 else _as_4d(query, key, value)
     out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None)
-    return out.view(query.shape)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)
+    return out if query.dim() == 4 else out.view_as(query)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

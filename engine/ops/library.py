@@ -32,7 +32,7 @@ from torch import _C
 from engine import kernels
 from engine.kernels._launch import INTERPRETED  # the mode the kernels were decorated in
 
-_ABSENT = (0,)
+_ABSENT = 0  # the size of the empty 1-D tensor standing in for an absent result
 
 
 class KernelOp:
@@ -74,11 +74,6 @@ def _kernel_op(name: str):
             op = torch.library.triton_op(f"engine::{name}", mutates_args=())(function)
         return KernelOp(name, op, function)
     return register
-
-
-def present(t: torch.Tensor) -> torch.Tensor | None:
-    """None for an absent result (an empty 1-D tensor standing in for it), else ``t``."""
-    return None if t.dim() == 1 and t.shape[0] == 0 else t
 
 
 @_kernel_op("norm_fwd")
@@ -127,7 +122,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): see engine.kernels.attention_backward."""
     return kernels.attention_backward(
-        dout, q, k, v, out, lse, scale=scale, lse_lo=present(lse_lo), causal=causal,
+        dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
 

@@ -110,7 +110,7 @@ def norm_backward(ctx, dy, dh, _dmean, _drstd):
     else:
         if dy is None:
             dy = torch.zeros_like(normed)
-        from engine.ops import library
+        import engine.ops.library as library
 
         dx, dweight, dbias = library.norm_bwd(dy, normed, weight, mean, rstd, dh, ctx.bias_dtype, ctx.rms,
                                               ctx.options["offset"])
@@ -143,22 +143,23 @@ def _differentiable_backward(ctx, dy, dh, normed, weight) -> tuple:
 
 def _rows(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """(rows, width) view with unit column stride; copies only when no such view exists."""
-    matrix = t.reshape(rows, width)  # (M, N); explicit sizes: either may be 0
+    matrix = t.reshape(rows, width) if t.dim() != 2 else t  # (M, N); explicit sizes: either may be 0
     return matrix if matrix.stride(-1) == 1 else matrix.contiguous()
 
 
 def _fused_norm(input, residual, shape, weight, bias, eps, rms, *, offset=0.0, casting_mode="gemma", h_dtype=None,
                 act_dtype=None, out_dtype=None):
     width, rows = math.prod(shape), math.prod(input.shape[:input.dim() - len(shape)])
-    weight = None if weight is None else weight.reshape(width)
-    bias = None if bias is None else bias.reshape(width)
-    from engine.ops import library  # registers torch.ops.engine.* on first use (it imports Triton)
+    if len(shape) > 1:
+        weight = None if weight is None else weight.reshape(width)
+        bias = None if bias is None else bias.reshape(width)
+    import engine.ops.library as library  # registers torch.ops.engine.* on first use (it imports Triton)
 
     y, h, _, _ = library.norm_fwd(_rows(input, rows, width), None if residual is None else _rows(residual, rows, width),
                                   weight, bias, eps, rms, offset, casting_mode, h_dtype, act_dtype, out_dtype)
     if residual is None:
-        return y.view(input.shape)
-    return y.view(input.shape), h.view(input.shape)
+        return y.view_as(input)
+    return y.view_as(input), h.view_as(input)
 
 
 def layer_norm(

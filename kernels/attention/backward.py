@@ -10,7 +10,7 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, launch, launch_tiled, record_tiles, tile_counter
 from engine.kernels.attention.common import (
     NO_MASK, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
-    _sequences, _tile_mask, check, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
+    _sequences, _tile_mask, check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
 )
 
 
@@ -245,7 +245,8 @@ def attention_backward(
     meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
-    block_d = head_block(layout.head_dim)
+    tile_list = tiles(layout.head_dim, q.dtype, backward=True)
+    block_d = tile_list[0]["BLOCK_D"]
     delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
     strides = layout.strides(q, k, v, do, out, dk, dq)  # three (batch, head, token) strides each
     launch(
@@ -257,7 +258,6 @@ def attention_backward(
     )
     shared = strides[:12]  # q, k, v, do
     sizes = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
-    tile_list = tiles(layout.head_dim, q.dtype, backward=True)
     for name, kernel, grid, outputs, out_strides, heads in (
         ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),

@@ -267,7 +267,7 @@ class Layout:
     def new_lse(self, q: torch.Tensor) -> torch.Tensor:
         """An fp32 per-row tensor: (Hq, total_q) packed or (B, Hq, Sq)."""
         shape = (self.heads, q.shape[0]) if self.varlen else (self.batch, self.heads, self.seqlen_q)
-        return torch.empty(shape, dtype=torch.float32, device=q.device)
+        return q.new_empty(shape, dtype=torch.float32)
 
     def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
         """(batch, head) strides of a per-row tensor (rows have unit stride)."""

@@ -74,9 +74,11 @@ _counting_tiles = False
 @contextlib.contextmanager
 def count_tiles() -> Iterator[Counter[str]]:
     """Counter of the key tiles (BLOCK_M x BLOCK_N blocks of scores) each attention kernel
-    processed inside the block, by launch name: the work done, exactly. The counts depend on the
-    inputs and the tile sizes only (one fixed tile under the interpreter; on a GPU the first of
-    its tile list that fits, ``LAST_TILE``), not on the machine's speed or load.
+    processed inside the block, by launch name: the work done, exactly. ``<name>_masked`` counts
+    those of them that paid bounds or causal arithmetic (the forward's diagonal and end tiles; an
+    interior tile pays none). The counts depend on the inputs and the tile sizes only (one fixed
+    tile under the interpreter; on a GPU the first of its tile list that fits, ``LAST_TILE``),
+    not on the machine's speed or load.
 
     Kernels launched while counting are compiled with one atomic add per program and read back
     with a host synchronisation per launch: a debugging and testing aid. Outside the block the
@@ -92,14 +94,18 @@ def count_tiles() -> Iterator[Counter[str]]:
 
 
 def tile_counter(device: torch.device) -> torch.Tensor | None:
-    """A zeroed int32 counter for a launch to add its tiles to, or None when not counting."""
-    return torch.zeros(1, dtype=torch.int32, device=device) if _counting_tiles else None
+    """A zeroed (2,) int32 counter for a launch to add its tiles, and its masked tiles, to; None
+    when not counting."""
+    return torch.zeros(2, dtype=torch.int32, device=device) if _counting_tiles else None
 
 
 def record_tiles(name: str, counter: torch.Tensor) -> None:
     """Add the tiles a launch counted in ``counter`` (from tile_counter) to TILES."""
     if type(counter) in _PLAIN or not is_fake(counter):  # traced or shape-only calls count nothing
-        TILES[name] += int(counter.item())
+        processed, masked = counter.tolist()
+        TILES[name] += processed
+        if masked:
+            TILES[f"{name}_masked"] += masked
 
 
 # (launch name, device, first tensor's dtype, compile-time arguments, id of the tile list)

@@ -50,7 +50,7 @@ def _attn_bwd_dkdv_kernel(
     LSE, LSE_LO, Delta,  # (B, Hq, Sq) fp32, or (Hq, total_q) packed; LSE_LO only when NATURAL
     Mask,
     CuSeqlensQ, CuSeqlensK,
-    Tiles,  # (1,) int32: (key block, query block) tiles processed, added up (COUNT_TILES)
+    Tiles,  # (2,) int32: (key block, query block) tiles processed, added up (COUNT_TILES); [1] unused
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -113,7 +113,7 @@ def _attn_bwd_dkdv_kernel(
             if NATURAL:
                 lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
             delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
-            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, True)
             p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
@@ -140,7 +140,7 @@ def _attn_bwd_dq_kernel(
     LSE, LSE_LO, Delta,
     Mask,
     CuSeqlensQ, CuSeqlensK,
-    Tiles,  # (1,) int32: (query block, key block) tiles processed, added up (COUNT_TILES)
+    Tiles,  # (2,) int32: (query block, key block) tiles processed, added up (COUNT_TILES); [1] unused
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -196,7 +196,7 @@ def _attn_bwd_dq_kernel(
         k_tokens = (k_start + cols).to(tl.int64)
         k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
         v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-        s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
+        s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, True)
         p = _probabilities(s, lse, lse_lo, NATURAL)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:

@@ -77,6 +77,7 @@ def _scores(
     bias, visible,  # from _tile_mask
     sm_scale,
     NATURAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,  # apply ``visible`` (False: every score of the tile is visible)
 ):
     """(BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k + bias in natural-log
     units when NATURAL (an additive mask), else scale * log2(e) * q.k (base 2)."""
@@ -85,7 +86,9 @@ def _scores(
         s = s * sm_scale + bias
     else:
         s = s * (sm_scale * LOG2E)
-    return tl.where(visible, s, float("-inf"))
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -166,6 +169,18 @@ def _load_tile(
 
 
 @triton.jit
+def _interior_end(start, end, pid_m, seqlen_k, causal_offset, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The end of the key tiles from ``start`` (a multiple of BLOCK_N) that lie wholly before
+    ``end`` and ``seqlen_k`` and, when causal, wholly visible to the first row of query block
+    pid_m: the tiles that need no bounds or causal arithmetic."""
+    full = tl.minimum(end, seqlen_k) // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:  # key j is visible to row i when j <= i + causal_offset: tiles ending by the first row's limit
+        full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + causal_offset + 1, 0) // BLOCK_N * BLOCK_N)
+    return tl.maximum(full, start)
+
+
+@triton.jit
 def _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """One past the last key any query of block pid_m may see."""
     end = seqlen_k
@@ -209,9 +224,15 @@ def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dict, .
 
 @functools.lru_cache(maxsize=None)
 def _tiles(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[dict, ...]:
-    block_d = head_block(head_dim)
     if INTERPRETED:
-        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4),)
+        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_block(head_dim), num_warps=4),)
+    return gpu_tiles(head_dim, dtype, backward=backward)
+
+
+def gpu_tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dict, ...]:
+    """The tile list a GPU tries, largest first, whatever the mode (the interpreter's tests run
+    each of them too)."""
+    block_d = head_block(head_dim)
     # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
     # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
     if dtype != torch.float32:

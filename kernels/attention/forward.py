@@ -8,9 +8,58 @@ import triton.language as tl
 
 from engine.kernels._launch import cdiv, launch_tiled, record_tiles, tile_counter
 from engine.kernels.attention.common import (
-    LN2, NO_MASK, Layout, _dropout_keep, _exp, _keys_end, _live_keys, _load_tile, _scores, _sequences, _tile_mask,
-    check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
+    LN2, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile, _scores, _sequences,
+    _tile_mask, check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
 )
+
+_GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+@triton.jit
+def _fwd_tile(
+    acc, m_i, l_i,  # running (BLOCK_M, BLOCK_D) output, (BLOCK_M,) max (in the scores' units) and sum
+    q, k_base, v_base, stride_ks, stride_vs,  # the query tile; this (batch, kv head)'s K and V
+    start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
+    Mask, mask_offset, stride_mm, stride_mn,
+    sm_scale, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
+    BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end)
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Fold key tile [start_n, start_n + BLOCK_N) into the online softmax. An interior tile
+    (BOUNDARY False: in range, and below the causal diagonal for every row) needs no bounds or
+    causal arithmetic; only an explicit mask is still read."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_tokens = (k_start + cols).to(tl.int64)
+    if BOUNDARY:
+        visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+                                   causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+        kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+    else:
+        if HAS_MASK:
+            visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+                                       causal_offset, False, HAS_MASK, MASK_IS_BOOL)
+        else:
+            visible, bias = True, 0.0
+        if EVEN_D:
+            k = tl.load(k_base + k_tokens[:, None] * stride_ks + dims[None, :])
+            v = tl.load(v_base + k_tokens[:, None] * stride_vs + dims[None, :])
+        else:
+            k = _load_tile(k_base, k_tokens, stride_ks, dims, dim_mask[None, :])
+            v = _load_tile(v_base, k_tokens, stride_vs, dims, dim_mask[None, :])
+    s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = _exp(s - m_safe[:, None], NATURAL)
+    alpha = _exp(m_i - m_safe, NATURAL)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(Seed, stream, q_start + rows, cols, max_seqlen_k, dropout_p)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -23,7 +72,7 @@ def _attn_fwd_kernel(
     LSE_LO,  # like LSE (NATURAL): what rounding LSE lost, so that LSE + LSE_LO is the exact sum
     Mask,  # bool/uint8 or float mask broadcast to (B, Hq, Sq, Sk) by its strides (HAS_MASK)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 (IS_VARLEN)
-    Tiles,  # (1,) int32: key tiles processed, added up (COUNT_TILES)
+    Tiles,  # (2,) int32: key tiles processed, and those of them masked, added up (COUNT_TILES)
     stride_qb, stride_qh, stride_qs,  # batch, head, token strides of Q (D has unit stride)
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -36,10 +85,16 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim bounds on interior tiles
+    QUERY_MAJOR: tl.constexpr,  # grid (query blocks, batch * heads), the last (heaviest causal) blocks first
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
-    pid_m = tl.program_id(1)
+    if QUERY_MAJOR:  # neighbouring programs share one head's K and V
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+    else:  # batch * heads past CUDA's 65535 cap on axis 1
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -62,29 +117,27 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, in the scores' units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    processed = 0
     first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
                                                                       IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
-    for start_n in range(first // BLOCK_N * BLOCK_N, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
-        kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-        k_tokens = (k_start + cols).to(tl.int64)
-        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
-        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-        s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = _exp(s - m_safe[:, None], NATURAL)
-        alpha = _exp(m_i - m_safe, NATURAL)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(Seed, pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    start = first // BLOCK_N * BLOCK_N
+    interior_end = _interior_end(start, end, pid_m, seqlen_k, causal_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    processed = 0
+    masked = 0
+    for start_n in range(start, interior_end, BLOCK_N):  # stage 1: every key visible to every row
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, k_start, rows,
+                                  dims, dim_mask, seqlen_q, seqlen_k, causal_offset, Mask, mask_offset, stride_mm,
+                                  stride_mn, sm_scale, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale,
+                                  False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
+                                  EVEN_D, BLOCK_N)
         processed += 1
+    for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, k_start, rows,
+                                  dims, dim_mask, seqlen_q, seqlen_k, causal_offset, Mask, mask_offset, stride_mm,
+                                  stride_mn, sm_scale, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale,
+                                  True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
+                                  EVEN_D, BLOCK_N)
+        processed += 1
+        masked += 1
 
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -104,6 +157,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + lse_offset, tl.where(empty, float("inf"), lse), mask=row_mask)
     if COUNT_TILES:
         tl.atomic_add(Tiles, processed)
+        tl.atomic_add(Tiles + 1, masked)
 
 
 def attention_forward(
@@ -144,15 +198,20 @@ def attention_forward(
             lse_lo.zero_()
         return out, lse, lse_lo
     counter = tile_counter(q.device)
+    tile_list = tiles(layout.head_dim, q.dtype, backward=False)
+    heads = layout.batch * layout.heads
+    query_major = heads <= _GRID_Y_MAX
     launch_tiled(
-        "attention_fwd", _attn_fwd_kernel, tiles(layout.head_dim, q.dtype, backward=False),
-        lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
+        "attention_fwd", _attn_fwd_kernel, tile_list,
+        (lambda tile: (cdiv(layout.seqlen_q, tile["BLOCK_M"]), heads)) if query_major else
+        (lambda tile: (heads, cdiv(layout.seqlen_q, tile["BLOCK_M"]))),
         q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k, counter,
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
         scale, dropout_p, dropout_scale(dropout_p), seed,
-        **meta, COUNT_TILES=counter is not None,
+        **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
+        QUERY_MAJOR=query_major,
     )
     if counter is not None:
         record_tiles("attention_fwd", counter)

@@ -30,9 +30,17 @@ def _pairs(seqlen_q: int, seqlen_k: int, kernel: str, causal: bool = False, firs
 
 
 def _counted(fn, *tensors) -> dict[str, int]:
+    """Tiles processed per kernel (the forward's masked ones aside: see _masked)."""
     with triton_launches(), count_tiles() as counted:
         forward_backward(fn, *tensors)
-    return dict(counted)
+    return {name: n for name, n in counted.items() if not name.endswith("_masked")}
+
+
+def _masked(fn, *tensors) -> int:
+    """The forward's tiles that paid bounds or causal arithmetic."""
+    with triton_launches(), count_tiles() as counted:
+        fn(*tensors)
+    return counted["attention_fwd_masked"]
 
 
 def _expected(lengths: list[tuple[int, ...]], heads: int, causal: bool = False) -> dict[str, int]:
@@ -107,3 +115,20 @@ def test_counting_is_off_outside_the_block():
     with triton_launches():
         flash_attention(q, k, v)
     assert not counted
+
+
+def test_only_tiles_on_the_diagonal_or_the_end_pay_for_masking():
+    """The forward's stages: a tile wholly visible to every row of its query block runs without
+    bounds or causal arithmetic; the diagonal tile of each query block (causal) and the last,
+    partial key tile do not."""
+    q, k, v = attention_inputs((2, 4, 2, 256, 256, HEAD_DIM), torch.float16)
+    assert _masked(lambda q, k, v: flash_attention(q, k, v), q, k, v) == 0  # 256 keys: whole tiles
+    tile = _launch.LAST_TILE["attention_fwd"]
+    query_blocks = math.ceil(256 / tile["BLOCK_M"])
+    diagonal = _masked(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v)
+    # each query block's tiles crossing its diagonal: those from its first row's limit to its last's
+    crossing = sum(math.ceil((m + 1) * tile["BLOCK_M"] / tile["BLOCK_N"]) - (m * tile["BLOCK_M"] + 1) // tile["BLOCK_N"]
+                   for m in range(query_blocks))
+    assert diagonal == 2 * 4 * crossing
+    ragged = attention_inputs((2, 4, 2, 256, 250, HEAD_DIM), torch.float16)
+    assert _masked(lambda q, k, v: flash_attention(q, k, v), *ragged) == 2 * 4 * query_blocks  # the last key tile

@@ -10,7 +10,7 @@ from engine.testing import assert_close, check_against_torch, forward_backward, 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims..., width): awkward widths, 3-D input, and rows wider than one block.
-SHAPES = [(1, 1), (3, 17), (37, 97), (123, 1000), (2, 4096), (2, 3, 37), (9, 33000), (2, 65536)]
+SHAPES = [(1, 1), (3, 17), (37, 97), (123, 1000), (2, 4096), (2, 3, 37), (5, 12288), (9, 33000), (2, 65536)]
 KINDS = ["layer", "layer+weight", "layer+weight+bias", "rms", "rms+weight"]
 
 
@@ -59,7 +59,9 @@ def test_norm_matches_torch(kind, dtype, shape, kernel_device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_widest_rows_loop_over_column_blocks(dtype):
     assert column_blocks(65536, dtype) > 1  # so SHAPES' 65536 case runs the looping kernel path
-    assert column_blocks(4096, dtype) == 1
+    assert column_blocks(4096, dtype) == 1 and column_blocks(4096, dtype, backward=True) == 1
+    # the backward holds more per column: SHAPES' 12288 is one block forward, two backward
+    assert column_blocks(12288, dtype) == 1 and column_blocks(12288, dtype, backward=True) == 2
 
 
 @pytest.mark.parametrize("shape", [(3, 17), (37, 97), (123, 1000), (2, 65536)], ids=lambda s: "x".join(map(str, s)))

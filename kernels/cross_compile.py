@@ -133,17 +133,18 @@ def _norm_case(rms: bool, dtype: torch.dtype, width: int, residual: bool = False
 
 
 def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "top_left", heads: int = 2,
-                    kv_heads: int = 2, mask: str | None = None, dropout_p: float = 0.0, varlen: bool = False
-                    ) -> Callable[[], None]:
+                    kv_heads: int = 2, mask: str | None = None, dropout_p: float = 0.0, varlen: bool = False,
+                    seqlen_q: int = 128) -> Callable[[], None]:
     def run():
-        batch, seq = 2, 128
-        q, k, v = (torch.randn(batch, h, seq, head_dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+        batch, seq = 2, 128 if seqlen_q == 128 else 1024  # a decode step reads a long cache
+        q = torch.randn(batch, heads, seqlen_q, head_dim, dtype=dtype)
+        k, v = (torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype) for _ in range(2))
         options = dict(scale=head_dim ** -0.5, causal=causal, dropout_p=dropout_p,
                        seed=torch.ones(1, dtype=torch.int64))
         if mask == "bool":
             options["mask"] = torch.ones(batch, 1, 1, seq, dtype=torch.bool)
         elif mask == "additive":
-            options["mask"] = torch.zeros(batch, heads, seq, seq, dtype=dtype)
+            options["mask"] = torch.zeros(batch, heads, seqlen_q, seq, dtype=dtype)
         if varlen:
             q, k, v = (t.transpose(1, 2).reshape(batch * seq, -1, head_dim) for t in (q, k, v))
             starts = torch.tensor([0, seq, 2 * seq], dtype=torch.int32)
@@ -176,6 +177,9 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     found["attention bfloat16 head_dim 128, GQA 8/2, bottom-right, additive mask"] = _attention_case(
         128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="additive")
     found["attention float16 head_dim 64, packed variable lengths"] = _attention_case(64, torch.float16, varlen=True)
+    for head_dim in (64, 128):  # split-KV decoding: one token, GQA 8/2, over a key-padded 1024-token cache
+        found[f"attention bfloat16 head_dim {head_dim}, decode step, GQA 8/2, key padding"] = _attention_case(
+            head_dim, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="bool", seqlen_q=1)
     found["attention dropout mask"] = lambda: dropout_keep_mask(torch.ones(1, dtype=torch.int64), 2, 2, 128, 128, 0.1,
                                                                          torch.device("cpu"))
     return found

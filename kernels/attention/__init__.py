@@ -27,6 +27,9 @@ int64 device tensor the kernels read themselves: drawing it needs no host round 
 torch.compile keeps it in the graph (a fresh mask every step, tested); CUDA-graph capture is
 not tried yet.
 
+Decoding (``decode.py``): few queries over a long cache split the keys over programs, the query
+heads of a GQA group packed into one tile, and merge the splits by their log-sum-exp.
+
 Layouts: padded tensors (B, H, S, D) with any strides but unit stride over D, or packed
 variable-length tensors (total, H, D) with cumulative sequence starts (B + 1,) int32.
 

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._launch import cdiv, launch_tiled, record_tiles, tile_counter
+from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
     LN2, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile, _scores, _sequences,
     _tile_mask, check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
@@ -189,6 +190,7 @@ def attention_forward(
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
+    split_kv = decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
     meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
@@ -197,6 +199,9 @@ def attention_forward(
         if lse_lo is not None:
             lse_lo.zero_()
         return out, lse, lse_lo
+    if split_kv:  # few queries over a long cache: split the keys over programs (flash-decoding)
+        decode.decode_forward(q, k, v, out, lse, mask, mask_strides, causal, scale, meta["DOT_PRECISION"])
+        return out, lse, None
     counter = tile_counter(q.device)
     tile_list = tiles(layout.head_dim, q.dtype, backward=False)
     heads = layout.batch * layout.heads

@@ -134,7 +134,7 @@ def _norm_case(rms: bool, dtype: torch.dtype, width: int, residual: bool = False
 
 def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "top_left", heads: int = 2,
                     kv_heads: int = 2, mask: str | None = None, dropout_p: float = 0.0, varlen: bool = False,
-                    seqlen_q: int = 128) -> Callable[[], None]:
+                    seqlen_q: int = 128, deterministic: bool = False) -> Callable[[], None]:
     def run():
         batch, seq = 2, 128 if seqlen_q == 128 else 1024  # a decode step reads a long cache
         q = torch.randn(batch, heads, seqlen_q, head_dim, dtype=dtype)
@@ -150,7 +150,8 @@ def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "
             starts = torch.tensor([0, seq, 2 * seq], dtype=torch.int32)
             options |= dict(cu_seqlens_q=starts, cu_seqlens_k=starts, max_seqlen_q=seq, max_seqlen_k=seq)
         out, lse, lse_lo = attention_forward(q, k, v, **options)
-        attention_backward(torch.randn_like(out), q, k, v, out, lse, lse_lo=lse_lo, **options)
+        attention_backward(torch.randn_like(out), q, k, v, out, lse, lse_lo=lse_lo, deterministic=deterministic,
+                           **options)
     return run
 
 
@@ -177,6 +178,10 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     found["attention bfloat16 head_dim 128, GQA 8/2, bottom-right, additive mask"] = _attention_case(
         128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="additive")
     found["attention float16 head_dim 64, packed variable lengths"] = _attention_case(64, torch.float16, varlen=True)
+    for dtype, head_dim in ([(torch.bfloat16, 128), (torch.float32, 256)] if quick else
+                            [(dtype, d) for dtype in (torch.bfloat16, torch.float32) for d in (64, 128, 256)]):
+        found[f"attention {str(dtype)[6:]} head_dim {head_dim}, deterministic backward"] = _attention_case(
+            head_dim, dtype, deterministic=True)  # dQ in its own kernel
     for head_dim in (64, 128):  # split-KV decoding: one token, GQA 8/2, over a key-padded 1024-token cache
         found[f"attention bfloat16 head_dim {head_dim}, decode step, GQA 8/2, key padding"] = _attention_case(
             head_dim, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="bool", seqlen_q=1)

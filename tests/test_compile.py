@@ -46,11 +46,13 @@ def _attention_cases():
     cu_k = torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)
     plain = (q, k, v)
     return {
-        "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None),
-        "key padding, bottom-right": (*plain, keys, 0.2, "bottom_right", 0.0, None, None, None, None, None),
-        "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None),
-        "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None),
-        "packed": (packed[0][:19], packed[1][:23], packed[2][:23], None, 0.2, "top_left", 0.0, None, cu, cu_k, 11, 14),
+        "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False),
+        "causal, GQA, deterministic": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, True),
+        "key padding, bottom-right": (*plain, keys, 0.2, "bottom_right", 0.0, None, None, None, None, None, False),
+        "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None, False),
+        "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None, False),
+        "packed": (packed[0][:19], packed[1][:23], packed[2][:23], None, 0.2, "top_left", 0.0, None, cu, cu_k, 11, 14,
+                   False),
     }
 
 
@@ -157,7 +159,7 @@ def test_gpt_training_step_compiles_whole(name):
     expected, got, launches = _compiled_matches_eager(model, _train_step((ids,), labels=ids))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     layers = model.config.num_layers
-    assert not COUNTED or launches["attention_fwd"] == layers and launches["attention_bwd_dq"] == layers
+    assert not COUNTED or launches["attention_fwd"] == layers and launches["attention_bwd_dkdv"] == layers
     assert not COUNTED or launches["rms_norm_bwd" if name == "llama-tiny" else "layer_norm_bwd"] >= 2 * layers
 
 
@@ -204,7 +206,7 @@ def test_packed_variable_length_attention_compiles_whole():
         return [out.detach(), q.grad, k.grad, v.grad]
     expected, got, launches = _compiled_matches_eager(flash_attn_varlen, run)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert not COUNTED or launches["attention_fwd"] == 1 and launches["attention_bwd_dq"] == 1
+    assert not COUNTED or launches["attention_fwd"] == 1 and launches["attention_bwd_dkdv"] == 1
     bad = torch.tensor([0, 7, 41], dtype=torch.int32, device=DEVICE)  # past the 40 packed tokens
     with engine.use_backend("triton"), pytest.raises(RuntimeError, match="must rise from 0 to the 40"):
         torch.compile(flash_attn_varlen, backend=COMPILER, fullgraph=True)(q, k, v, bad, bad, 34, 34)
@@ -252,7 +254,7 @@ def test_patched_hugging_face_models_compile_whole(family):
 
     expected, got, launches = _compiled_matches_eager(model, run)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert not COUNTED or launches["attention_fwd"] == 2 and launches["attention_bwd_dq"] == 2
+    assert not COUNTED or launches["attention_fwd"] == 2 and launches["attention_bwd_dkdv"] == 2
 
 
 def test_changing_sequence_lengths_compile_at_most_twice():

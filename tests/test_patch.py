@@ -64,7 +64,7 @@ def test_verify_reports_every_output_and_gradient_under_the_kernels():
     x = torch.randn(2, 37, 16)
     with engine.use_backend("triton"), triton_launches() as launches:
         report = engine.patch(model, verify=True, sample=x)
-    assert launches["attention_fwd"] == 3 and launches["attention_bwd_dq"] == 3
+    assert launches["attention_fwd"] == 3 and launches["attention_bwd_dkdv"] == 3
     assert set(report.differences) == {"output"} | {f"grad {n}" for n, _ in model.named_parameters()}
     assert max(report.differences.values()) < 1e-4
     assert model.training  # the mode is restored after verifying

@@ -42,11 +42,12 @@ def setup_attention_backward(ctx, inputs, output, keyword_only_inputs=None) -> N
     """torch.ops.engine.attention_fwd's autograd context (registered by engine.ops.library). Saves
     q, k, v, the output and the log-sum-exp (with its low part when there is an additive
     mask): memory linear in Sq."""
-    q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = inputs
+    (q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+     deterministic) = inputs
     out, lse, lse_lo = output
     ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k)
     ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q,
-                       max_seqlen_k=max_seqlen_k)
+                       max_seqlen_k=max_seqlen_k, deterministic=deterministic)
     ctx.mark_non_differentiable(lse, lse_lo)
 
 
@@ -61,8 +62,9 @@ def attention_backward(ctx, dout, _dlse, _dlse_lo):
         import engine.ops.library as library
 
         grads = library.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"],
-                                      seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"])
-    return *grads, *([None] * 9)
+                                      seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"],
+                                      o["deterministic"])
+    return *grads, *([None] * 10)
 
 
 def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k) -> list:
@@ -200,6 +202,10 @@ def _resolve_mask(op: str, attn_mask: torch.Tensor | None, causal: str | None, s
     return attn_mask, causal
 
 
+def _deterministic(deterministic: bool | None) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+
+
 def _check_dropout(op: str, dropout_p: float) -> None:
     if not 0.0 <= dropout_p <= 1.0:
         raise InvalidArgument(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
@@ -216,12 +222,15 @@ def flash_attention(
     scale: float | None = None,
     return_lse: bool = False,
     generator: torch.Generator | None = None,
+    deterministic: bool | None = None,
 ):
     """Fused attention of query (B, Hq, Sq, D) over key/value (B, Hkv, Sk, D), Hq a multiple of Hkv.
 
     ``causal``: False, True / "top_left" (as torch), or "bottom_right". ``attn_mask``: bool (True
     = attend) or additive, broadcastable to (B, Hq, Sq, Sk), or a CausalBias. Dropout draws its
-    seed from ``generator`` (default: PyTorch's). Returns out (B, Hq, Sq, D), and with
+    seed from ``generator`` (default: PyTorch's). ``deterministic``: the backward's scheme (None:
+    ``torch.are_deterministic_algorithms_enabled()``; False, FlashAttention-2's atomics, is faster;
+    True repeats bit for bit). Returns out (B, Hq, Sq, D), and with
     ``return_lse`` the (B, Hq, Sq) float32 log-sum-exp of the scaled, masked scores too (+inf for
     empty rows).
     """
@@ -247,7 +256,7 @@ def flash_attention(
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, mask, scale, alignment, dropout_p, seed,
-                                            None, None, None, None)
+                                            None, None, None, None, _deterministic(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -284,11 +293,13 @@ def flash_attn_varlen(
     scale: float | None = None,
     return_lse: bool = False,
     generator: torch.Generator | None = None,
+    deterministic: bool | None = None,
 ):
     """Attention over packed sequences: query (total_q, Hq, D), key/value (total_k, Hkv, D); sequence
     b holds tokens cu_seqlens[b]:cu_seqlens[b + 1] (int32, B + 1 entries). The kernel's work
     follows the real lengths (blocks past a sequence's end exit at once); the result equals the
-    padded computation. Returns out (total_q, Hq, D) [, lse (Hq, total_q)]."""
+    padded computation. ``deterministic`` as for ``flash_attention``. Returns out (total_q, Hq, D)
+    [, lse (Hq, total_q)]."""
     op = "flash_attn_varlen"
     _check_qkv(op, query, key, value, gqa=False)
     if query.dim() != 3 or key.dim() != 3:
@@ -318,7 +329,8 @@ def flash_attn_varlen(
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, None, scale, alignment, dropout_p, seed,
-                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            _deterministic(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -405,5 +417,6 @@ def scaled_dot_product_attention(
     import engine.ops.library as library
 
     qkv = (query, key, value) if query.dim() == 4 else _as_4d(query, key, value)
-    out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None)
+    out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None,
+                                      torch.are_deterministic_algorithms_enabled())
     return out if query.dim() == 4 else out.view_as(query)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

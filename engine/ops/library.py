@@ -104,9 +104,10 @@ def norm_bwd(dy: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor | None
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  max_seqlen_q: int | None, max_seqlen_k: int | None, *, validate: bool = True
+                  max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, *, validate: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out like q, lse fp32, lse_lo or absent): see engine.kernels.attention_forward."""
+    """(out like q, lse fp32, lse_lo or absent): see engine.kernels.attention_forward.
+    ``deterministic`` is the backward's scheme (engine.kernels.attention_backward)."""
     out, lse, lse_lo = kernels.attention_forward(
         q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
@@ -118,13 +119,13 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, lse_lo: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  max_seqlen_q: int | None, max_seqlen_k: int | None, *, validate: bool = True
+                  max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, *, validate: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): see engine.kernels.attention_backward."""
     return kernels.attention_backward(
         dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic, validate=validate)
 
 
 # The backward formulas (kernels, or the eager reference under create_graph) beside each op's front end.

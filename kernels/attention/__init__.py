@@ -6,8 +6,9 @@ computed tile by tile against BLOCK_N keys, masked, and folded into an online so
 (``backward.py``) recomputes the probabilities tile by tile from the saved log-sum-exp: a
 preprocessing kernel forms delta = rowsum(dO * O), one kernel accumulates dK and dV per block of
 keys (looping over every query head that shares the key head, so grouped-query attention needs
-no repeated K/V and no atomics), another accumulates dQ per block of queries. No (Sq, Sk) matrix
-is ever written. ``common.py`` holds what both share: tile masks, scores, tiles, layouts.
+no repeated K/V) and, by default, adds each tile's share of dQ to an fp32 buffer with atomics
+(FlashAttention-2's scheme); with ``deterministic=True`` another kernel accumulates dQ per block
+of queries instead. No (Sq, Sk) matrix is ever written. ``common.py`` holds what both share: tile masks, scores, tiles, layouts.
 
 Masks: causal (top-left aligned as torch's SDPA, or bottom-right aligned for a KV cache), and a
 boolean (True = attend) or additive mask read tile by tile through strides, so broadcast

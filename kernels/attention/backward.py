@@ -47,6 +47,7 @@ def _attn_bwd_delta_kernel(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # as in forward; DO like Q
     DK, DV,  # out: like K and V (contiguous)
+    DQ,  # fp32, like Q: dQ / scale accumulated here with atomics (ACCUMULATE_DQ)
     LSE, LSE_LO, Delta,  # (B, Hq, Sq) fp32, or (Hq, total_q) packed; LSE_LO only when NATURAL
     Mask,
     CuSeqlensQ, CuSeqlensK,
@@ -56,6 +57,7 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dkb, stride_dkh, stride_dks,  # DK and DV share one layout
+    stride_dqb, stride_dqh, stride_dqs,  # DQ (ACCUMULATE_DQ)
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads, group_size, num_kv_heads,
@@ -64,6 +66,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    ACCUMULATE_DQ: tl.constexpr,  # FlashAttention-2's scheme: dQ from these tiles too (no dQ kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bkv = tl.program_id(0)
@@ -125,6 +128,10 @@ def _attn_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+            if ACCUMULATE_DQ:  # the fifth matmul: this key block's share of dQ, summed across blocks
+                dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+                tl.atomic_add(dq_base + q_tokens[:, None] * stride_dqs + dims[None, :],
+                              tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), mask=qd_mask)
             processed += 1
     dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
     tl.store(DK + dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -229,9 +236,15 @@ def attention_backward(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    deterministic: bool = False,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo.
+
+    By default FlashAttention-2's scheme: the dK/dV kernel also forms each key block's share of
+    dQ and adds it to an fp32 buffer with atomics (five matmuls per tile, no dQ kernel; the order
+    of the additions, and so dQ's last bits, may differ from run to run on a GPU).
+    ``deterministic=True`` runs dQ in its own kernel instead (seven matmuls, bitwise repeatable).
     ``validate=False`` skips ``check`` (for callers that checked)."""
     if validate:
         check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
@@ -248,7 +261,8 @@ def attention_backward(
     tile_list = tiles(layout.head_dim, q.dtype, backward=True)
     block_d = tile_list[0]["BLOCK_D"]
     delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
-    strides = layout.strides(q, k, v, do, out, dk, dq)  # three (batch, head, token) strides each
+    dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    strides = layout.strides(q, k, v, do, out, dk, dq if dq_sum is None else dq_sum)  # (batch, head, token) each
     launch(
         "attention_bwd_delta", _attn_bwd_delta_kernel,
         (layout.batch * layout.heads, cdiv(layout.seqlen_q, delta_rows)),
@@ -258,21 +272,27 @@ def attention_backward(
     )
     shared = strides[:12]  # q, k, v, do
     sizes = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
-    for name, kernel, grid, outputs, out_strides, heads in (
+    launches = [
         ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),
-         (dk, dv), strides[15:18], (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads)),
-        ("attention_bwd_dq", _attn_bwd_dq_kernel,
-         lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
-         (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads)),
-    ):
+         (dk, dv, dq_sum), (*strides[15:18], *strides[18:21]),
+         (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads), dict(ACCUMULATE_DQ=dq_sum is not None)),
+    ]
+    if deterministic:  # dQ from its own kernel, one program per query block: no atomics
+        launches.append(
+            ("attention_bwd_dq", _attn_bwd_dq_kernel,
+             lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
+             (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads), {}))
+    for name, kernel, grid, outputs, out_strides, heads, extra in launches:
         counter = tile_counter(q.device)
         launch_tiled(
             name, kernel, tile_list, grid,
             q, k, v, do, *outputs, lse, lse_lo, delta, mask, cu_seqlens_q, cu_seqlens_k, counter,
             *shared, *out_strides, *lse_strides, *mask_strides, *heads, *sizes,
-            **meta, COUNT_TILES=counter is not None,
+            **meta, **extra, COUNT_TILES=counter is not None,
         )
         if counter is not None:
             record_tiles(name, counter)
+    if dq_sum is not None:
+        dq.copy_(dq_sum.mul_(scale))
     return dq, dk, dv

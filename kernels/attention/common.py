@@ -236,8 +236,10 @@ def gpu_tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dic
     # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
     # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
     if dtype != torch.float32:
-        if block_d <= 128:
+        if block_d <= 64:
             ladder = [(64, 64, 2), (64, 32, 2), (32, 32, 1)] if backward else [(128, 64, 3), (128, 64, 2), (64, 64, 2)]
+        elif block_d <= 128:  # the backward's dQ share (BLOCK_M x 128, fp32) needs the narrower query block
+            ladder = [(32, 64, 2), (32, 32, 2), (32, 32, 1)] if backward else [(128, 64, 3), (128, 64, 2), (64, 64, 2)]
         else:
             ladder = [(32, 32, 2), (32, 32, 1), (16, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2), (32, 32, 1)]
     elif block_d <= 64:

@@ -30,7 +30,7 @@ BLOCK_N = 64
 def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, varlen: bool) -> bool:
     """Whether a padded call suits split-KV decoding: the packed rows fit one tile, the cache is
     long, and there is no dropout and no additive mask."""
-    if varlen or dropout_p > 0 or (mask is not None and mask.dtype != torch.bool):
+    if varlen or dropout_p > 0 or (mask is not None and mask.dtype != torch.bool) or k.shape[1] == 0:
         return False
     group = q.shape[1] // k.shape[1]
     return group * q.shape[2] <= MAX_ROWS and k.shape[2] >= MIN_KEYS

@@ -43,9 +43,9 @@ def _masked(fn, *tensors) -> int:
     return counted["attention_fwd_masked"]
 
 
-def _expected(lengths: list[tuple[int, ...]], heads: int, causal: bool = False) -> dict[str, int]:
+def _expected(lengths: list[tuple[int, ...]], heads: int, causal: bool = False,
+              kernels=("attention_fwd", "attention_bwd_dkdv")) -> dict[str, int]:
     """Per kernel, the tiles for sequences of (Sq, Sk[, first visible key]) with ``heads`` heads."""
-    kernels = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
     return {kernel: heads * sum(_pairs(*sizes[:2], kernel, causal, *sizes[2:]) for sizes in lengths)
             for kernel in kernels}
 
@@ -88,7 +88,7 @@ def test_tiles_a_key_padding_mask_hides_are_skipped():
     hidden = torch.zeros(2, 1, 1, 256, dtype=torch.bool, device=q.device)
     with triton_launches() as launches, count_tiles() as counted:
         (out,), grads, _ = forward_backward(lambda q, k, v: flash_attention(q, k, v, attn_mask=hidden), q, k, v)
-    assert launches["attention_fwd"] == launches["attention_bwd_dq"] == 1 and counted.total() == 0
+    assert launches["attention_fwd"] == launches["attention_bwd_dkdv"] == 1 and counted.total() == 0
     assert not out.any() and not any(g.any() for g in grads)
 
     left_padded = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=q.device)
@@ -132,3 +132,16 @@ def test_only_tiles_on_the_diagonal_or_the_end_pay_for_masking():
     assert diagonal == 2 * 4 * crossing
     ragged = attention_inputs((2, 4, 2, 256, 250, HEAD_DIM), torch.float16)
     assert _masked(lambda q, k, v: flash_attention(q, k, v), *ragged) == 2 * 4 * query_blocks  # the last key tile
+
+
+def test_the_deterministic_backwards_dq_kernel_skips_the_same_tiles():
+    """deterministic=True forms dQ in its own kernel, one program per query block: it skips what
+    the dK/dV kernel skips (the causal upper triangle, a padding mask's hidden keys)."""
+    q, k, v = attention_inputs((2, 2, 2, 256, 256, HEAD_DIM), torch.float16)
+    padding = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=q.device)
+    padding[1, ..., 100:] = False
+    kernels = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+    causal = _counted(lambda q, k, v: flash_attention(q, k, v, causal=True, deterministic=True), q, k, v)
+    assert causal == _expected([(256, 256)] * 2, heads=2, causal=True, kernels=kernels)
+    padded = _counted(lambda q, k, v: flash_attention(q, k, v, attn_mask=padding, deterministic=True), q, k, v)
+    assert padded == _expected([(256, 256), (256, 100)], heads=2, kernels=kernels)

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 KERNELS = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel",
-           "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel"}
+           "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel", "_decode_split_kernel",
+           "_decode_combine_kernel"}
 
 
 @pytest.fixture(scope="module")

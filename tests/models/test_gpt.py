@@ -107,7 +107,7 @@ def test_kernels_match_torch_through_the_whole_model(name):
     launches = _compare_backends(model, ids, ids)
     layers = model.config.num_layers
     norm = "rms_norm" if name == "llama-tiny" else "layer_norm"
-    assert launches["attention_fwd"] == layers and launches["attention_bwd_dq"] == layers
+    assert launches["attention_fwd"] == layers and launches["attention_bwd_dkdv"] == layers
     assert launches[f"{norm}_fwd"] == 2 * layers + 1
 
 

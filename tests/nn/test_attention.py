@@ -101,7 +101,7 @@ def test_fused_forward_and_backward_match_torch(args, mask_case):
         fused, plain = (lambda *x: module(*x, **kwargs)[0]), torch_module
     names = ["output"] + [f"{n}.grad" for n in ("query", "key", "value")[:len(inputs)]]
     launches = check_against_torch(fused, plain, *inputs, names=names)
-    assert launches["attention_fwd"] == 1 and launches["attention_bwd_dq"] == 1
+    assert launches["attention_fwd"] == 1 and launches["attention_bwd_dkdv"] == 1
     for (name, p), (_, q), (_, e) in zip(module.named_parameters(), reference.named_parameters(),
                                          exact.named_parameters()):
         assert_close_to_exact(p.grad, q.grad, e.grad, what=f"{name}.grad")

@@ -19,7 +19,7 @@ KERNEL_DEVICE = kernel_device()
 
 # bf16 tl.dot is broken in Triton's interpreter: bf16 runs on a GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if KERNEL_DEVICE == "cuda" else [])
-KERNEL_RUN = {"attention_fwd": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1, "attention_bwd_dq": 1}
+KERNEL_RUN = {"attention_fwd": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1}  # dQ by atomics
 # (batch, query heads, key/value heads, Sq, Sk, head dim): awkward lengths, GQA/MQA, head dims
 # that are not powers of two, and the extremes 16 and 256.
 SHAPES = [
@@ -186,7 +186,53 @@ def test_dropout_backward_matches_forward_mask(dtype, causal):
         lambda q, k, v: attention_reference(q, k, v, dropout_p=p, dropout_keep=keep, causal=alignment)[0],
         q, k, v, names=NAMES,
     )
-    assert launches["attention_fwd"] == 1 and launches["attention_bwd_dq"] == 1
+    assert launches["attention_fwd"] == 1 and launches["attention_bwd_dkdv"] == 1
+
+
+# --- the backward's two schemes ------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [dict(causal="top_left"), dict(causal="bottom_right"), dict(mask="additive"),
+                                     dict(mask="key padding"), dict(dropout_p=0.25, causal="top_left")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_the_deterministic_backward_matches_the_reference_and_the_default_scheme(dtype, options):
+    """deterministic=True (a dQ kernel) and the default (dQ by atomics from the dK/dV kernel): each
+    within the float64 rule, and the two within rounding of each other."""
+    options = dict(options)
+    shape = (2, 4, 2, 97, 130, 40)
+    q, k, v = attention_inputs(shape, dtype)
+    mask = {"additive": torch.randn(2, 1, 97, 130, device=KERNEL_DEVICE),
+            "key padding": torch.arange(130, device=KERNEL_DEVICE).expand(2, 1, 1, 130) < torch.tensor(
+                [130, 71], device=KERNEL_DEVICE).view(2, 1, 1, 1)}.get(options.pop("mask", None))
+    p = options.get("dropout_p", 0.0)
+    keep = None
+    if p:
+        keep = dropout_keep_mask(dropout_seed(q.device, torch.Generator().manual_seed(5)), 2, 4, 97, 130, p, q.device)
+    grads = {}
+    for deterministic in (True, False):
+        def fused(q, k, v, deterministic=deterministic):
+            return flash_attention(q, k, v, attn_mask=mask, generator=torch.Generator().manual_seed(5),
+                                   deterministic=deterministic, **options)
+        launches = check_against_torch(
+            fused, lambda q, k, v: attention_reference(q, k, v, attn_mask=mask, dropout_keep=keep, **options)[0],
+            q, k, v, names=NAMES)
+        assert ("attention_bwd_dq" in launches) == deterministic
+        grads[deterministic] = forward_backward(fused, q, k, v)[1]
+    for exact, fast in zip(grads[True], grads[False]):
+        assert_close(fast, exact, what="the default scheme against the deterministic one")
+
+
+def test_the_backward_follows_torchs_deterministic_setting():
+    q, k, v = attention_inputs((1, 2, 2, 40, 40, 32), torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for setting in (True, False):
+            torch.use_deterministic_algorithms(setting)
+            with triton_launches() as launches:
+                forward_backward(lambda q, k, v: engine.ops.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                 q, k, v)
+            assert ("attention_bwd_dq" in launches) == setting
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 # --- packed variable-length batches -------------------------------------------------------

@@ -17,8 +17,7 @@ from engine.testing import attention_inputs, check_against_torch, kernel_device,
 
 KERNEL_DEVICE = kernel_device()
 NAMES = ["output", "query.grad", "key.grad", "value.grad"]
-DECODED = {"attention_decode": 1, "attention_decode_combine": 1, "attention_bwd_delta": 1,
-           "attention_bwd_dkdv": 1, "attention_bwd_dq": 1}
+DECODED = {"attention_decode": 1, "attention_decode_combine": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1}
 
 
 def _key_padding(batch: int, seqlen_k: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Fixtures for the benchmark suite: the device, the size set, and parametrisation by size.
 
-Each benchmark module declares ``SIZES = {"small": [...], "gpu": [...]}``; ``--bench-size``
-picks the set ("small" on CPU by default, "gpu" on CUDA).
+Each benchmark module declares ``SIZES = {"small": [...], "gpu": [...]}`` (the ``shape``
+fixture; ``PACKED_SIZES`` for ``packed``, a packed batch); ``--bench-size`` picks the set ("small"
+on CPU by default, "gpu" on CUDA).
 """
 
 import ctypes
@@ -48,10 +49,15 @@ def _size_set(config) -> str:
     return config.getoption("--bench-size") or ("gpu" if _device().type == "cuda" else "small")
 
 
+def _id(size) -> str:
+    return "x".join(_id(part) if isinstance(part, tuple) else str(part) for part in size)
+
+
 def pytest_generate_tests(metafunc):
-    if "shape" in metafunc.fixturenames:
-        shapes = metafunc.module.SIZES[_size_set(metafunc.config)]
-        metafunc.parametrize("shape", shapes, ids=["x".join(map(str, s)) for s in shapes])
+    for fixture, table in (("shape", "SIZES"), ("packed", "PACKED_SIZES")):
+        if fixture in metafunc.fixturenames:
+            sizes = getattr(metafunc.module, table)[_size_set(metafunc.config)]
+            metafunc.parametrize(fixture, sizes, ids=[_id(s) for s in sizes])
 
 
 @pytest.fixture(scope="session")

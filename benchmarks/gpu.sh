@@ -2,7 +2,10 @@
 # One call on a lent GPU machine (no network; its image holds torch, triton, pytest,
 # pytest-benchmark, pytest-xdist, ninja, nvcc and safetensors under `python3`): builds the
 # extension, runs the tests on CUDA and the GPU benchmark set, and writes the GPU's gate baseline,
-# all under $OUT (7 files), within 450 s: each step's time limit is cut to what is left of that.
+# all under $OUT (8 files), within 450 s: each step's time limit is cut to what is left of that.
+# The kernels' configurations are tuned by timing on first use and the choices kept in
+# $OUT/tuning.json, shared by the steps: the tests (12 processes) compile and time most of them,
+# so the benchmarks mostly find theirs made.
 # Steps get SIGINT at their limit, so pytest still reports what ran, pytest-benchmark writes what
 # it measured, and an interrupted extension build releases its lock.
 #   bash benchmarks/gpu.sh            (the device tool's `run` sets $OUT; give it timeout_s >= 520)
@@ -30,7 +33,8 @@ cp -r "$repo/engine" "$stage/engine"
 cp -r "$repo/kernels" "$stage/engine/kernels"
 cp -r "$repo/benchmarks" "$stage/engine/benchmarks"
 cp -r "$repo/csrc" "$stage/engine/csrc"
-export PYTHONPATH="$stage" ENGINE_STRICT=1 ENGINE_EXT_DIR="$stage/ext" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$stage" ENGINE_STRICT=1 ENGINE_EXT_DIR="$stage/ext" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+  ENGINE_TUNING_CACHE="$out/tuning.json"
 cd "$stage"  # so the repository's engine/ (without kernels/) does not shadow the staged package
 
 {
@@ -56,7 +60,7 @@ if [ -z "$only_compile" ]; then
   # Triton compiles each kernel variant on first use (hundreds of variants, about a second each),
   # so the tests run in 12 processes with pytest-xdist.
   workers=$("$py" -c 'import xdist' 2>/dev/null && echo "-n 12")
-  limited 200 "$py" -m pytest "$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/nn" "$repo/tests/optim" \
+  limited 180 "$py" -m pytest "$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/nn" "$repo/tests/optim" \
     "$repo/tests/test_compile.py" -c "$repo/pyproject.toml" --rootdir "$repo" -q -p no:cacheprovider $workers -rfE \
     --ignore "$repo/tests/kernels/test_cross_compile.py" > "$out/tests.txt" 2>&1
   echo "tests exit code $?" >> "$out/tests.txt"
@@ -66,7 +70,7 @@ else
 fi
 
 # The GPU size set of the benchmarks; correctness is checked before each timing.
-limited 140 "$py" -m engine bench --size gpu --select "$select" --max-time 0.2 --out "$out" > "$out/bench.txt" 2>&1
+limited 170 "$py" -m engine bench --size gpu --select "$select" --max-time 0.2 --out "$out" > "$out/bench.txt" 2>&1
 echo "bench exit code $?" >> "$out/bench.txt"
 
 # This GPU's gate baseline from that run (counters with the kernels on CUDA, floors from its ratios).

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.benchmarks.test_peak import PEAK_CASES
+
 SUITE = Path(__file__).parent
 
 
@@ -34,8 +36,10 @@ def run_suite(out_dir: Path, *, size: str | None = None, select: str | None = No
 
 
 def rows(report: dict) -> list[dict]:
-    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, tokens/s, MFU (GPUs
-    with a known peak), launches, peak MiB (CUDA only), ratio to eager."""
+    """One row per benchmark: case, provider, median seconds, GB/s, TFLOP/s, the fraction of the
+    measured matmul peak (TFLOP/s) or copy bandwidth (GB/s, for cases without FLOPs) when the run
+    measured them (test_peak.py), tokens/s, MFU (GPUs with a known peak), launches, peak MiB (CUDA
+    only), ratio to eager."""
     table = []
     for bench in report["benchmarks"]:
         info, median = bench["extra_info"], bench["stats"]["median"]
@@ -49,8 +53,17 @@ def rows(report: dict) -> list[dict]:
             peak_mib=info["peak_bytes"] / 2**20 if info.get("peak_bytes") is not None else None,
         ))
     eager = {r["case"]: r["median_s"] for r in table if r["provider"] == "eager"}
+    peak = {r["case"]: r for r in table if r["case"] in PEAK_CASES.values()}
+    peak_flops = peak.get(PEAK_CASES["matmul"], {}).get("tflop_per_s")
+    peak_bandwidth = peak.get(PEAK_CASES["copy"], {}).get("gb_per_s")
     for r in table:
         r["ratio_to_eager"] = eager[r["case"]] / r["median_s"] if r["case"] in eager else None
+        if r["tflop_per_s"] and peak_flops:
+            r["of_peak"] = r["tflop_per_s"] / peak_flops
+        elif r["gb_per_s"] and peak_bandwidth:
+            r["of_peak"] = r["gb_per_s"] / peak_bandwidth
+        else:
+            r["of_peak"] = None
     return sorted(table, key=lambda r: (r["case"], r["provider"]))
 
 
@@ -59,10 +72,10 @@ def _cell(value, fmt: str) -> str:
 
 
 def format_table(table: list[dict]) -> str:
-    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "tokens/s", "MFU", "peak MiB", "launches",
-              "vs eager")
+    header = ("case", "provider", "median ms", "GB/s", "TFLOP/s", "of peak", "tokens/s", "MFU", "peak MiB",
+              "launches", "vs eager")
     lines = [[r["case"], r["provider"], _cell(r["median_s"] * 1e3, ".3f"), _cell(r["gb_per_s"], ".1f"),
-              _cell(r["tflop_per_s"], ".2f"), _cell(r.get("tokens_per_s"), ".0f"), _cell(r.get("mfu"), ".1%"),
+              _cell(r["tflop_per_s"], ".2f"), _cell(r.get("of_peak"), ".0%"), _cell(r.get("tokens_per_s"), ".0f"), _cell(r.get("mfu"), ".1%"),
               _cell(r.get("peak_mib"), ".1f"), str(r["kernel_launches"]), _cell(r["ratio_to_eager"], ".2f") + "x"]
              for r in table]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]

@@ -41,7 +41,7 @@ CALLS = {
 @contextlib.contextmanager
 def stubbed_launches():
     """Every engine launch counted but not run (its outputs stay unwritten)."""
-    from engine.kernels import _launch
+    from engine.kernels import _launch, _tuning
 
     real = _launch.launch
     modules = [m for name, m in list(sys.modules.items())
@@ -50,7 +50,7 @@ def stubbed_launches():
     def stub(name, kernel, grid, *args, **meta):
         _launch.record(name)
 
-    fitting = dict(_launch.FITTING_TILE)  # a stubbed launch "fits" any tile: forget what it taught
+    chosen = dict(_tuning.CHOSEN)  # a stubbed launch "fits" any tile: forget what it taught
     for module in modules:
         module.launch = stub
     try:
@@ -58,8 +58,8 @@ def stubbed_launches():
     finally:
         for module in modules:
             module.launch = real
-        _launch.FITTING_TILE.clear()
-        _launch.FITTING_TILE.update(fitting)
+        _tuning.CHOSEN.clear()
+        _tuning.CHOSEN.update(chosen)
 
 
 @pytest.mark.parametrize("provider", ["eager", "engine"])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import engine
 from engine.benchmarks.harness import PROVIDERS, check_then_time
 
-SIZES = {"small": [(4096, 1024)], "gpu": [(8192, 1024), (8192, 4096), (2048, 16384), (512, 65536)]}
+SIZES = {"small": [(4096, 1024)],
+         "gpu": [(16384, 1024), (8192, 4096), (4096, 8192), (2048, 16384), (1024, 32768), (512, 65536)]}
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 

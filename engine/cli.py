@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     gate_parser.add_argument("--update", action="store_true", help="rewrite the baseline from this run, on purpose")
     gate_parser.set_defaults(command=_gate)
     cross = verbs.add_parser("cross-compile", help="compile the Triton kernels for GPUs without one; report registers, spills, shared memory")
-    cross.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities, e.g. 90 for H100/H200 (default: %(default)s)")
+    cross.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90, 100], help="compute capabilities, e.g. 90 for H100/H200 (default: %(default)s)")
     cross.add_argument("--quick", action="store_true", help="fewer head dims, dtypes and widths")
     cross.add_argument("--json", help="also write the results to this JSON file")
     cross.set_defaults(command=_cross_compile)

@@ -1,19 +1,17 @@
 """Launch bookkeeping shared by every launcher: counted launches, counted tiles, the launching
-device, tile choice by shared memory, and device heuristics."""
+device and device heuristics (configuration choice is in ``_tuning``)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from typing import Callable
+from collections.abc import Iterator
 
 import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
-from triton.runtime.errors import OutOfResources
 
 from engine import launches
 from engine.backend import interpreting
@@ -38,7 +36,7 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def _on_device_of(first: torch.Tensor):
+def on_device_of(first: torch.Tensor):
     """Triton launches on the current CUDA device: make it ``first``'s (unless it already is)."""
     device = first.device
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
@@ -61,7 +59,7 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     if INTERPRETED:
         kernel[grid](*args, **meta)
     else:
-        with _on_device_of(args[0]):
+        with on_device_of(args[0]):
             kernel[grid](*args, **meta)
     if launches.active:
         LAUNCHES[name] += 1
@@ -77,7 +75,8 @@ def count_tiles() -> Iterator[Counter[str]]:
     processed inside the block, by launch name: the work done, exactly. ``<name>_masked`` counts
     those of them that paid bounds or causal arithmetic (the forward's diagonal and end tiles; an
     interior tile pays none). The counts depend on the inputs and the tile sizes only (one fixed
-    tile under the interpreter; on a GPU the first of its tile list that fits, ``LAST_TILE``),
+    tile under the interpreter; on a GPU the tile its launch took, ``_tuning.LAST_CONFIG``: tuning
+    by timing is off inside this block, so that is the first of its list that fits),
     not on the machine's speed or load.
 
     Kernels launched while counting are compiled with one atomic add per program and read back
@@ -106,47 +105,6 @@ def record_tiles(name: str, counter: torch.Tensor) -> None:
         TILES[name] += processed
         if masked:
             TILES[f"{name}_masked"] += masked
-
-
-# (launch name, device, first tensor's dtype, compile-time arguments, id of the tile list)
-#   -> (index of the first tile that fits, the tile list: kept alive so that its id stays its own)
-FITTING_TILE: dict[tuple, tuple[int, Sequence[dict]]] = {}
-# launch name -> the tile of its latest launch (what tile counts are measured in)
-LAST_TILE: dict[str, dict] = {}
-
-
-def launch_tiled(name: str, kernel, tiles: Sequence[dict], grid: Callable[[dict], tuple[int, ...]], *args, **meta) -> None:
-    """Launch with the first of ``tiles`` (largest first) that fits the device's shared memory.
-
-    Triton checks shared memory when a compiled program is first loaded and raises
-    OutOfResources before anything runs; the next tile is tried then. The choice is kept per
-    launch name, device, dtype of the first argument (a tensor), compile-time arguments and tile
-    list (by identity: the launchers build each list once): one dict lookup per launch. A later
-    launch whose variant needs more memory still steps down from there. ``grid(tile)`` gives the
-    grid. A launch traced by torch.compile (nothing is compiled while tracing) takes the tile an
-    eager launch of the same key found fitting, else the first.
-    """
-    first = args[0]
-    key = (name, first.device, first.dtype, tuple(meta.items()), id(tiles))
-    if type(first) not in _PLAIN and is_fake(first):  # traced (or shapes only): recorded, not compiled, here
-        try:
-            start = FITTING_TILE.get(key, (0,))[0]
-        except TypeError:  # a symbolic (dynamic-shape) compile-time argument: no eager launch had it
-            start = 0
-        launch(name, kernel, grid(tiles[start]), *args, **meta, **tiles[start])
-        return
-    start = FITTING_TILE.get(key, (0,))[0]
-    for index in range(start, len(tiles)):
-        try:
-            launch(name, kernel, grid(tiles[index]), *args, **meta, **tiles[index])
-        except OutOfResources as error:
-            if index == len(tiles) - 1:
-                raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error
-            continue
-        if index != start:
-            FITTING_TILE[key] = (index, tiles)
-        LAST_TILE[name] = tiles[index]
-        return
 
 
 @functools.lru_cache(maxsize=None)

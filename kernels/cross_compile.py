@@ -3,9 +3,10 @@
 Triton's CPU interpreter checks what the kernels compute, not whether the GPU compiler accepts
 them, whether their tiles fit the GPU's shared memory, or whether they spill registers. This
 runs the real launchers on CPU tensors under a stand-in Triton driver for one architecture:
-each launch compiles for it (LLVM and ptxas, both bundled with Triton), Triton's shared-memory
-check runs against that GPU's limit (so ``launch_tiled`` steps down its tiles as it would there),
-and the launch itself does nothing.
+each launch compiles every configuration of its kernel's list for it (LLVM and ptxas, both
+bundled with Triton; a GPU would time them), Triton's shared-memory check runs against that
+GPU's limit (marking the configurations that GPU would never load), and the launch itself does
+nothing.
 
     python -m engine cross-compile --arch 90 86     # exit code 1 if a case fails to compile or fit
 
@@ -27,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from engine.kernels import _launch, attention
+from engine.kernels import _tuning, attention
 from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
 from engine.kernels.norm import norm_backward, norm_forward
 
@@ -40,7 +41,7 @@ GPUS = {80: "A100", 86: "RTX 30xx, A10, A40", 87: "Jetson Orin", 89: "RTX 40xx, 
 @dataclass
 class Program:
     """One compiled program: ``fits`` False when it needed more shared memory than the GPU has
-    (the launcher then tried the next tile). ``stack`` is bytes per thread (spilled registers)."""
+    (that GPU never loads it). ``stack`` is bytes per thread (spilled registers)."""
 
     kernel: str
     tile: dict[str, int]
@@ -194,25 +195,28 @@ def cross_compile(archs: list[int], quick: bool = False) -> list[CaseResult]:
     """Run every case for each architecture; compile errors are caught and reported per case."""
     if not isinstance(attention.forward._attn_fwd_kernel, JITFunction):
         raise RuntimeError("cross-compile: TRITON_INTERPRET was set when engine.kernels was imported; unset it")
-    results, fitting = [], dict(_launch.FITTING_TILE)
+    results, chosen = [], dict(_tuning.CHOSEN)
     try:
         for arch in archs:
             gpu = VirtualGPU(arch)
             triton.runtime.driver.set_active(gpu)
-            _launch.FITTING_TILE.clear()  # tile choices are per GPU
+            _tuning.CHOSEN.clear()  # choices are per GPU
             for name, run in cases(quick).items():
                 first = len(gpu.programs)
                 result = CaseResult(arch, name)
                 try:
-                    run()
+                    with _tuning.compile_every_config():
+                        run()
                 except Exception as error:  # noqa: BLE001  (reported, not hidden: the exit code says so)
                     result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
-                result.programs = gpu.programs[first:]
+                for program in gpu.programs[first:]:  # a launch reloads its program: each listed once
+                    if program not in result.programs:
+                        result.programs.append(program)
                 results.append(result)
     finally:
         triton.runtime.driver.set_active(None)  # back to the machine's own driver, made when next needed
-        _launch.FITTING_TILE.clear()
-        _launch.FITTING_TILE.update(fitting)
+        _tuning.CHOSEN.clear()
+        _tuning.CHOSEN.update(chosen)
     return results
 
 
@@ -225,14 +229,15 @@ def format_report(results: list[CaseResult]) -> str:
         failed = [r for r in ours if r.error]
         lines.append(f"sm_{arch} ({GPUS[arch]}; {SHARED_MEMORY[arch] // 1024} KiB shared memory per program): "
                      f"{len(ours)} cases, {len(programs)} programs compiled, {len(failed)} failed, "
-                     f"{sum(not p.fits for p in programs)} tiles too big (stepped down), "
-                     f"{sum(bool(p.stack) for p in programs)} spilling")
+                     f"{sum(not p.fits for p in programs)} too big for its shared memory (never loaded), "
+                     f"{sum(bool(p.stack) for p in programs)} spilling "
+                     f"(most {max((p.stack or 0 for p in programs if p.fits), default=0)} B per thread)")
         for r in ours:
             lines.append(f"  {r.case}" + (f"  FAILED {r.error}" if r.error else ""))
             for p in r.programs:
                 tile = "x".join(str(v) for v in p.tile.values())
                 usage = "-" if p.registers is None else f"{p.registers} regs, {p.stack} B stack"
-                status = "" if p.fits else "  too big: next tile"
+                status = "" if p.fits else "  too big: never loaded"
                 lines.append(f"    {p.kernel:<24} tile {tile:<12} warps {p.num_warps} stages {p.num_stages}  "
                              f"shared {p.shared / 1024:6.1f} KiB  {usage}{status}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._launch import INTERPRETED, cdiv, check_same_device, launch, next_power_of_2, parallel_programs
+from engine.kernels._tuning import launch_tuned
 
 @triton.jit
 def _load_input_tile(
@@ -330,32 +331,40 @@ _BLOCK_BYTES = 65536  # widest row block the forward keeps in registers
 _BACKWARD_BLOCK = 8192
 
 
-def tiling(width: int, element_size: int, *, backward: bool = False) -> dict:
-    """Block sizes and warps for rows of ``width``: rows share a tile when the width is small. The
-    row count plays no part, so a traced call (torch.compile) keeps it dynamic: no guard on it.
-    Built once per (width, element size, direction); the dict is shared, not to be changed."""
+def tilings(width: int, element_size: int, *, backward: bool = False) -> tuple[dict, ...]:
+    """The configurations for rows of ``width``: one column block (the whole row up to 64 KiB
+    forward, 8K columns backward), with rows sharing a tile when it is narrow; the list differs
+    in rows per tile and warps, and a GPU times them (engine.kernels._tuning). One configuration
+    under the interpreter. The row count plays no part, so a traced call (torch.compile) keeps it
+    dynamic: no guard on it. Built once per (width, element size, direction); shared, not to be
+    changed."""
     try:
-        return _tiling(width, element_size, backward)
+        return _tilings(width, element_size, backward)
     except TypeError:  # a symbolic width (dynamic shapes, while tracing) cannot key the cache
-        return _tiling.__wrapped__(width, element_size, backward)
+        return _tilings.__wrapped__(width, element_size, backward)
+
+
+# (elements per tile, share of the warps): tiles of 4K elements at one warp per 256 of them (at
+# most 16), then larger and smaller tiles, and half the warps
+_GPU_TILES = ((4096, 1), (8192, 1), (2048, 1), (4096, 0.5))
 
 
 @functools.lru_cache(maxsize=None)
-def _tiling(width: int, element_size: int, backward: bool) -> dict:
+def _tilings(width: int, element_size: int, backward: bool) -> tuple[dict, ...]:
     block_n = min(next_power_of_2(width), _BACKWARD_BLOCK if backward else _BLOCK_BYTES // element_size)
-    tile_elements = 16384 if INTERPRETED else 4096  # fewer, larger programs suit the interpreter
-    block_m = max(1, tile_elements // block_n)
-    return dict(
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        SINGLE_BLOCK=width <= block_n,
-        num_warps=min(max(block_m * block_n // 256, 1), 16),
-    )
+    found = []
+    for tile_elements, warps_share in ((16384, 1),) if INTERPRETED else _GPU_TILES:  # few, large programs suit the interpreter
+        block_m = max(1, tile_elements // block_n)
+        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_BLOCK=width <= block_n,
+                      num_warps=max(int(min(block_m * block_n // 256, 16) * warps_share), 1))
+        if config not in found:
+            found.append(config)
+    return tuple(found)
 
 
 def column_blocks(width: int, dtype: torch.dtype, *, backward: bool = False) -> int:
     """How many column blocks one row of ``width`` elements of ``dtype`` is split into."""
-    return cdiv(width, tiling(width, dtype.itemsize, backward=backward)["BLOCK_N"])
+    return cdiv(width, tilings(width, dtype.itemsize, backward=backward)[0]["BLOCK_N"])
 
 
 NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -430,17 +439,16 @@ def norm_forward(
         if h is not None:
             torch.add(x, residual, out=h)
         return y, h, mean, rstd
-    tile = tiling(width, max(x.element_size(), normed.element_size()))
-    launch(
+    launch_tuned(
         "rms_norm_fwd" if rms else "layer_norm_fwd",
         _norm_fwd_kernel,
-        (cdiv(rows, tile["BLOCK_M"]),),
+        tilings(width, max(x.element_size(), normed.element_size())),
+        lambda tile: (cdiv(rows, tile["BLOCK_M"]),),
         x, residual, h, y, weight, bias, mean, rstd,
         x.stride(0), 0 if residual is None else residual.stride(0), 0 if h is None else h.stride(0), y.stride(0),
         rows, width, eps,
         IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        OFFSET=float(offset), CASTING=CASTING_MODES[casting_mode], ACT=_TL_DTYPES[act_dtype],
-        **tile,
+        OFFSET=float(offset), CASTING=CASTING_MODES[casting_mode], ACT=_TL_DTYPES[act_dtype], sizes=(rows,),
     )
     return y, h, mean, rstd
 
@@ -487,23 +495,26 @@ def norm_backward(
             dx.copy_(dh)
         zeros = lambda dtype: x.new_zeros(width, dtype=dtype)  # noqa: E731
         return dx, (zeros(weight.dtype) if weight is not None else None), (zeros(bias_dtype) if has_bias else None)
-    tile = tiling(width, max(x.element_size(), dy.element_size()), backward=True)
-    rows_per_program = cdiv(rows, parallel_programs(x.device))
-    rows_per_program = cdiv(rows_per_program, tile["BLOCK_M"]) * tile["BLOCK_M"]
+    configs = tilings(width, max(x.element_size(), dy.element_size()), backward=True)
+    # a few programs per SM, each over whole tiles of every configuration's rows
+    tile_rows = max(config["BLOCK_M"] for config in configs)
+    rows_per_program = cdiv(cdiv(rows, parallel_programs(x.device)), tile_rows) * tile_rows
     programs = cdiv(rows, rows_per_program)
-    new_partials = x.new_empty if tile["SINGLE_BLOCK"] else x.new_zeros
+    accumulated = not configs[0]["SINGLE_BLOCK"]  # wide rows add their partials up in memory
+    new_partials = x.new_zeros if accumulated else x.new_empty
     dw = new_partials((programs, width), dtype=torch.float32) if weight is not None else None
     db = new_partials((programs, width), dtype=torch.float32) if has_bias else None
     name = "rms_norm" if rms else "layer_norm"
-    launch(
+    launch_tuned(
         f"{name}_bwd",
         _norm_bwd_kernel,
-        (programs,),
+        configs,
+        lambda tile: (programs,),
         x, weight, dy, dh, dx, dw, db, mean, rstd,
         x.stride(0), dy.stride(0), 0 if dh is None else dh.stride(0), dx.stride(0),
         rows, width, rows_per_program,
         IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DH=dh is not None, OFFSET=float(offset),
-        **tile,
+        sizes=(rows,), reset=(dw, db) if accumulated else (),
     )
     dweight = None if dw is None else _column_sum(f"{name}_bwd_dweight", dw, weight.dtype)
     dbias = None if db is None else _column_sum(f"{name}_bwd_dbias", db, bias_dtype)

@@ -7,10 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import cdiv, launch, launch_tiled, record_tiles, tile_counter
+from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
+from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
     NO_MASK, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
-    _sequences, _tile_mask, check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
+    _sequences, _tile_mask, check, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
 )
 
 
@@ -258,8 +259,7 @@ def attention_backward(
     meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
-    tile_list = tiles(layout.head_dim, q.dtype, backward=True)
-    block_d = tile_list[0]["BLOCK_D"]
+    block_d = head_block(layout.head_dim)
     delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
     dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     strides = layout.strides(q, k, v, do, out, dk, dq if dq_sum is None else dq_sum)  # (batch, head, token) each
@@ -271,25 +271,26 @@ def attention_backward(
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
     shared = strides[:12]  # q, k, v, do
-    sizes = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
+    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
     launches = [
-        ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel,
+        ("attention_bwd_dkdv", "dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),
          (dk, dv, dq_sum), (*strides[15:18], *strides[18:21]),
          (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads), dict(ACCUMULATE_DQ=dq_sum is not None)),
     ]
     if deterministic:  # dQ from its own kernel, one program per query block: no atomics
         launches.append(
-            ("attention_bwd_dq", _attn_bwd_dq_kernel,
+            ("attention_bwd_dq", "dq", _attn_bwd_dq_kernel,
              lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
              (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads), {}))
-    for name, kernel, grid, outputs, out_strides, heads, extra in launches:
+    for name, kind, kernel, grid, outputs, out_strides, heads, extra in launches:
         counter = tile_counter(q.device)
-        launch_tiled(
-            name, kernel, tile_list, grid,
+        launch_tuned(
+            name, kernel, tiles(layout.head_dim, q.dtype, kind), grid,
             q, k, v, do, *outputs, lse, lse_lo, delta, mask, cu_seqlens_q, cu_seqlens_k, counter,
-            *shared, *out_strides, *lse_strides, *mask_strides, *heads, *sizes,
-            **meta, **extra, COUNT_TILES=counter is not None,
+            *shared, *out_strides, *lse_strides, *mask_strides, *heads, *scalars,
+            **meta, **extra, COUNT_TILES=counter is not None, sizes=(layout.seqlen_q, layout.seqlen_k),
+            reset=(dq_sum,),  # the atomics' fp32 buffer, added to by every timing run
         )
         if counter is not None:
             record_tiles(name, counter)

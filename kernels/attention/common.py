@@ -211,45 +211,68 @@ def head_block(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dict, ...]:
-    """Tile sizes, warps and stages by head dim and dtype, largest first: the launcher takes the
-    first that fits the GPU's shared memory (227 KiB per program on H100/H200, 163 KiB on A100,
-    99 KiB on RTX 30xx/40xx). One fixed tile under the interpreter. Built once per argument set;
-    the dicts are shared, not to be changed."""
+KERNELS = ("forward", "dkdv", "dq")  # the tile lists: forward, backward dK/dV (and dQ's atomics), deterministic dQ
+
+
+def tiles(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[dict, ...]:
+    """The configurations (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) one of ``KERNELS`` chooses
+    from by head dim and dtype, largest first: on a GPU each key's first launch times those that
+    fit its shared memory (engine.kernels._tuning). One fixed tile under the interpreter. Built
+    once per argument set; the dicts are shared, not to be changed."""
     try:
-        return _tiles(head_dim, dtype, backward)
+        return _tiles(head_dim, dtype, kernel)
     except TypeError:  # a symbolic head dim (dynamic shapes, while tracing) cannot key the cache
-        return _tiles.__wrapped__(head_dim, dtype, backward)
+        return _tiles.__wrapped__(head_dim, dtype, kernel)
 
 
 @functools.lru_cache(maxsize=None)
-def _tiles(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[dict, ...]:
+def _tiles(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[dict, ...]:
     if INTERPRETED:
         return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_block(head_dim), num_warps=4),)
-    return gpu_tiles(head_dim, dtype, backward=backward)
+    return gpu_tiles(head_dim, dtype, kernel)
 
 
-def gpu_tiles(head_dim: int, dtype: torch.dtype, *, backward: bool) -> tuple[dict, ...]:
-    """The tile list a GPU tries, largest first, whatever the mode (the interpreter's tests run
-    each of them too)."""
+# (BLOCK_M, BLOCK_N, warps, stages) by kernel, then by (16-bit or fp32, largest BLOCK_D): the
+# candidates a GPU times. None spills more than 64 bytes per thread on sm_80..sm_100 (python -m
+# engine cross-compile shows each). The forward holds a BLOCK_M x D fp32 accumulator; the dK/dV
+# kernel two BLOCK_N x D ones (wide key blocks, narrow query blocks, as FlashAttention-2), plus
+# a BLOCK_M x D dQ share when it adds dQ by atomics; the dQ kernel one BLOCK_M x D (wide query
+# blocks). fp32 products (no tensor cores) need the most registers: their tiles are the smallest.
+_CANDIDATES = {
+    "forward": {
+        (True, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+        (True, 128): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+        (True, 256): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+        (False, 64): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        (False, 128): [(32, 16, 8, 2), (16, 16, 4, 2)],
+        (False, 256): [(32, 32, 8, 1), (16, 32, 4, 1)],
+    },
+    "dkdv": {
+        (True, 64): [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+        (True, 128): [(32, 128, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)],
+        (True, 256): [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 4, 1)],
+        (False, 64): [(32, 32, 8, 2), (32, 32, 8, 1)],
+        (False, 128): [(32, 32, 8, 1), (16, 16, 4, 1)],
+        (False, 256): [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+    },
+    "dq": {
+        (True, 64): [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+        (True, 128): [(128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)],
+        (True, 256): [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 4, 1)],
+        (False, 64): [(32, 32, 8, 2), (32, 32, 8, 1)],
+        (False, 128): [(32, 32, 8, 1), (16, 16, 4, 1)],
+        (False, 256): [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+    },
+}
+
+
+def gpu_tiles(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[dict, ...]:
+    """The configurations a GPU chooses from, whatever the mode (the interpreter's tests run each
+    of them too)."""
     block_d = head_block(head_dim)
-    # (BLOCK_M, BLOCK_N, stages): fp32 dot products (no tensor cores) need the most registers;
-    # these spill little or nothing on sm_80..sm_90 (python -m engine cross-compile shows it).
-    if dtype != torch.float32:
-        if block_d <= 64:
-            ladder = [(64, 64, 2), (64, 32, 2), (32, 32, 1)] if backward else [(128, 64, 3), (128, 64, 2), (64, 64, 2)]
-        elif block_d <= 128:  # the backward's dQ share (BLOCK_M x 128, fp32) needs the narrower query block
-            ladder = [(32, 64, 2), (32, 32, 2), (32, 32, 1)] if backward else [(128, 64, 3), (128, 64, 2), (64, 64, 2)]
-        else:
-            ladder = [(32, 32, 2), (32, 32, 1), (16, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2), (32, 32, 1)]
-    elif block_d <= 64:
-        ladder = [(32, 32, 2), (32, 32, 1)] if backward else [(64, 32, 2), (32, 32, 2)]
-    elif block_d <= 128:
-        ladder = [(32, 32, 1), (16, 16, 1)] if backward else [(32, 16, 2), (16, 16, 2)]
-    else:
-        ladder = [(32, 32, 1), (16, 32, 1), (16, 16, 1)] if backward else [(32, 32, 1), (16, 32, 1)]
-    return tuple(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4,
-                      num_stages=stages) for block_m, block_n, stages in ladder)
+    candidates = _CANDIDATES[kernel][dtype != torch.float32, 64 if block_d <= 64 else block_d]
+    return tuple(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+                 for block_m, block_n, warps, stages in candidates)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import cdiv, launch_tiled, record_tiles, tile_counter
+from engine.kernels._launch import cdiv, record_tiles, tile_counter
+from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
     LN2, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile, _scores, _sequences,
@@ -203,10 +204,10 @@ def attention_forward(
         decode.decode_forward(q, k, v, out, lse, mask, mask_strides, causal, scale, meta["DOT_PRECISION"])
         return out, lse, None
     counter = tile_counter(q.device)
-    tile_list = tiles(layout.head_dim, q.dtype, backward=False)
+    tile_list = tiles(layout.head_dim, q.dtype, "forward")
     heads = layout.batch * layout.heads
     query_major = heads <= _GRID_Y_MAX
-    launch_tiled(
+    launch_tuned(
         "attention_fwd", _attn_fwd_kernel, tile_list,
         (lambda tile: (cdiv(layout.seqlen_q, tile["BLOCK_M"]), heads)) if query_major else
         (lambda tile: (heads, cdiv(layout.seqlen_q, tile["BLOCK_M"]))),
@@ -216,7 +217,7 @@ def attention_forward(
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
         scale, dropout_p, dropout_scale(dropout_p), seed,
         **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
-        QUERY_MAJOR=query_major,
+        QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
     )
     if counter is not None:
         record_tiles("attention_fwd", counter)

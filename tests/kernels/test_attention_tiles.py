@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.kernels import _launch, count_tiles
+from engine.kernels import _tuning, count_tiles
 from engine.ops import flash_attention, flash_attn_varlen
 from engine.testing import attention_inputs, forward_backward, kernel_device, triton_launches
 
@@ -20,7 +20,7 @@ def _pairs(seqlen_q: int, seqlen_k: int, kernel: str, causal: bool = False, firs
     """Tiles per (batch, query head) for one sequence whose visible keys run from ``first`` to
     ``seqlen_k``: the (query block, key block) pairs with work, in the tile of ``kernel``'s
     latest launch (the one the counts were made with)."""
-    tile = _launch.LAST_TILE[kernel]
+    tile = _tuning.LAST_CONFIG[kernel]
     block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
     counted = 0
     for m in range(math.ceil(seqlen_q / block_m)):
@@ -123,7 +123,7 @@ def test_only_tiles_on_the_diagonal_or_the_end_pay_for_masking():
     partial key tile do not."""
     q, k, v = attention_inputs((2, 4, 2, 256, 256, HEAD_DIM), torch.float16)
     assert _masked(lambda q, k, v: flash_attention(q, k, v), q, k, v) == 0  # 256 keys: whole tiles
-    tile = _launch.LAST_TILE["attention_fwd"]
+    tile = _tuning.LAST_CONFIG["attention_fwd"]
     query_blocks = math.ceil(256 / tile["BLOCK_M"])
     diagonal = _masked(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v)
     # each query block's tiles crossing its diagonal: those from its first row's limit to its last's

@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from engine.kernels.attention import common
 
 KERNELS = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel", "_decode_split_kernel",
@@ -34,6 +37,25 @@ def test_every_kernel_compiles_and_every_case_fits(compiled, arch):
         assert all(p["registers"] and p["registers"] <= 255 for p in loaded)  # ptxas's output was read
 
 
+@pytest.mark.parametrize("arch", [90, 86])
+def test_every_config_of_a_list_is_compiled_and_none_that_fits_spills_much(compiled, arch):
+    """What a GPU would time: each configuration of the lists (here bf16 head dim 128's forward,
+    dK/dV and, for the deterministic backward, dQ lists); no loadable program spills more than
+    64 bytes per thread."""
+    results = {r["case"]: r for r in compiled[0] if r["arch"] == arch}
+    for case, kernels in (("attention bfloat16 head_dim 128", {"forward": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}),
+                          ("attention bfloat16 head_dim 128, deterministic backward", {"dq": "_attn_bwd_dq_kernel"})):
+        for kind, kernel in kernels.items():
+            expected = {(t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"])
+                        for t in common.gpu_tiles(128, torch.bfloat16, kind)}
+            got = {(p["tile"]["BLOCK_M"], p["tile"]["BLOCK_N"], p["num_warps"], p["num_stages"])
+                   for p in results[case]["programs"] if p["kernel"] == kernel}
+            assert got == expected, (case, kind)
+    spills = [(r["case"], p["kernel"], p["tile"], p["stack"]) for r in results.values() for p in r["programs"]
+              if p["fits"] and p["stack"] > 64]
+    assert spills == []
+
+
 def test_tiles_step_down_only_where_shared_memory_is_short(compiled):
     too_big = {arch: [(r["case"], p["kernel"]) for r in compiled[0] if r["arch"] == arch
                       for p in r["programs"] if not p["fits"]] for arch in (90, 86)}
@@ -45,4 +67,4 @@ def test_tiles_step_down_only_where_shared_memory_is_short(compiled):
 def test_report_names_the_gpus(compiled):
     report = compiled[1]
     assert "sm_90 (H100, H200; 227 KiB shared memory per program)" in report
-    assert "0 failed" in report and "too big: next tile" in report
+    assert "0 failed" in report and "too big: never loaded" in report

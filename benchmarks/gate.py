@@ -7,7 +7,9 @@ stored in benchmarks/baselines/<device class>.json.
   (through Triton's interpreter on CPU); and the attention tiles processed (forward + backward)
   for full, causal, key-padded and packed batches (these depend on the tile sizes, which is one
   more reason each device class keeps its own baseline); and the Python calls the engine's own
-  code makes per op call (LayerNorm forward, SDPA forward, forward + backward), kernel bodies aside.
+  code makes per op call (LayerNorm forward, SDPA forward, forward + backward), kernel bodies aside;
+  and the peak bytes and bytes saved for backward of the loss (eager and fused linear
+  cross-entropy at 8192 rows, vocabularies of 32K and 128K).
 - Speed ratios to eager are measured side by side in one benchmark run and must stay above a floor
   per device class (loose on shared CPUs, tight on GPUs).
 """
@@ -151,6 +153,34 @@ def _host_calls(device: str) -> dict[str, int]:
     return counters
 
 
+def _loss_memory() -> dict[str, int]:
+    """Peak bytes and bytes saved for backward of one loss forward + backward over B*T = 8192 rows
+    of width 256, vocabularies of 32K and 128K, fp32: eager F.cross_entropy(F.linear(...)) against
+    engine.ops.linear_cross_entropy, measured by engine.testing.track_memory on the meta device
+    (the sizes without the memory). The engine runs its torch path there, whose chunks hold more
+    fp32 scratch than the kernel's (tests/ops/test_cross_entropy_memory.py holds the kernel's path
+    to at most this); on a GPU the benchmark measures both with the allocator's statistics."""
+    import torch.nn.functional as F
+
+    from engine import backend
+    from engine.ops import linear_cross_entropy
+    from engine.testing import track_memory
+
+    counters = {}
+    for vocab in (32768, 131072):
+        hidden = torch.empty(8192, 256, device="meta", requires_grad=True)
+        weight = torch.empty(vocab, 256, device="meta", requires_grad=True)
+        target = torch.zeros(8192, dtype=torch.long, device="meta")
+        calls = {"eager": lambda: F.cross_entropy(F.linear(hidden, weight), target),
+                 "engine": lambda: linear_cross_entropy(hidden, weight, target)}
+        for name, call in calls.items():
+            with backend.use_backend("torch"), track_memory() as trace:
+                call().backward()
+            counters[f"loss.{name}_peak_bytes.v{vocab // 1024}k"] = trace.peak
+            counters[f"loss.{name}_saved_bytes.v{vocab // 1024}k"] = trace.saved
+    return counters
+
+
 def collect_counters() -> dict[str, int]:
     """The device-independent counters (the kernels forced; interpreter on CPU)."""
     from engine.models import GPT, BertConfig, BertForSequenceClassification, GPTConfig
@@ -168,7 +198,7 @@ def collect_counters() -> dict[str, int]:
     labels = torch.tensor([0, 1], device=device)
     counters |= _model_counters("bert_tiny", bert, {"ids": ids % 128, "mask": mask},
                                 lambda m, b: m(b["ids"], b["mask"], labels=labels)[1])
-    return counters | _attention_tiles(device) | _host_calls(device)
+    return counters | _attention_tiles(device) | _host_calls(device) | _loss_memory()
 
 
 def engine_ratios(bench_rows: list[dict]) -> dict[str, float]:

@@ -12,10 +12,13 @@ Three rules, all keyed by the dtype of the values compared:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import backend
 
@@ -107,6 +110,56 @@ def count_host_reads() -> Iterator[Counter[str]]:
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+class MemoryTrace:
+    """What ``track_memory`` measured, in bytes: ``peak`` and ``now`` of the tensor storage made
+    inside the block and still alive, ``saved`` of the tensors autograd saved for backward."""
+
+    def __init__(self):
+        self.now = self.peak = self.saved = 0
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Counts each storage an op's outputs hold that none of its inputs held, until it is freed."""
+
+    def __init__(self, trace: MemoryTrace):
+        super().__init__()
+        self.trace = trace
+
+    def _freed(self, nbytes: int) -> None:
+        self.trace.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in inputs:
+                if not getattr(storage, "_engine_counted", False):
+                    storage._engine_counted = True
+                    self.trace.now += storage.nbytes()
+                    self.trace.peak = max(self.trace.peak, self.trace.now)
+                    weakref.finalize(storage, self._freed, storage.nbytes())
+        return out
+
+
+@contextlib.contextmanager
+def track_memory() -> Iterator[MemoryTrace]:
+    """Measure the tensor memory the block allocates, on any device (the meta device included):
+    every op's new output storage counts from the op that made it until Python frees it (the
+    peak is of what was alive at once), and every tensor autograd saves for backward counts in
+    ``saved`` (a storage once). Scratch memory inside a single kernel or aten op is not seen."""
+    trace, seen = MemoryTrace(), set()
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if id(storage) not in seen:
+            seen.add(id(storage))
+            trace.saved += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _StorageTracker(trace):
+        yield trace
 
 
 def attention_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str | None = None, seed: int = 0):

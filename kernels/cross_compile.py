@@ -30,6 +30,7 @@ from triton.runtime.jit import JITFunction
 
 from engine.kernels import _tuning, attention
 from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
+from engine.kernels.cross_entropy import cross_entropy_rows
 from engine.kernels.norm import norm_backward, norm_forward
 
 # Shared memory one program may use (CUDA's sharedMemPerBlockOptin), by compute capability.
@@ -186,6 +187,10 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     for head_dim in (64, 128):  # split-KV decoding: one token, GQA 8/2, over a key-padded 1024-token cache
         found[f"attention bfloat16 head_dim {head_dim}, decode step, GQA 8/2, key padding"] = _attention_case(
             head_dim, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="bool", seqlen_q=1)
+    for dtype in (torch.bfloat16, torch.float32):  # the loss rows, with their gradient written in place, capped
+        found[f"cross_entropy {str(dtype)[6:]} vocabulary 50257, softcap"] = lambda dtype=dtype: cross_entropy_rows(
+            torch.randn(8, 50257, dtype=dtype), torch.zeros(8, dtype=torch.int64), torch.ones(1), ignore_index=-100,
+            label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
     found["attention dropout mask"] = lambda: dropout_keep_mask(torch.ones(1, dtype=torch.int64), 2, 2, 128, 128, 0.1,
                                                                          torch.device("cpu"))
     return found

@@ -64,14 +64,15 @@ class KernelOp:
         return self.body(*args, validate=False)
 
 
-def _kernel_op(name: str):
-    """Register the decorated launcher as ``torch.ops.engine.<name>``; return its KernelOp."""
+def _kernel_op(name: str, mutates: tuple[str, ...] = ()):
+    """Register the decorated launcher as ``torch.ops.engine.<name>`` (writing the arguments named
+    in ``mutates``); return its KernelOp."""
     def register(function):
         if INTERPRETED:
-            op = torch.library.custom_op(f"engine::{name}", mutates_args=())(function)
+            op = torch.library.custom_op(f"engine::{name}", mutates_args=mutates)(function)
             op.register_fake(function)
         else:
-            op = torch.library.triton_op(f"engine::{name}", mutates_args=())(function)
+            op = torch.library.triton_op(f"engine::{name}", mutates_args=mutates)(function)
         return KernelOp(name, op, function)
     return register
 
@@ -126,6 +127,17 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic, validate=validate)
+
+
+@_kernel_op("cross_entropy_rows", mutates=("logits",))
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: float | None, *, validate: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (R,) fp32, lse (R,) fp32) of logits (R, V); with ``scale`` the logits are overwritten
+    with the scaled gradient: see engine.kernels.cross_entropy."""
+    return kernels.cross_entropy.cross_entropy_rows(
+        logits, target, scale, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, validate=validate)
 
 
 # The backward formulas (kernels, or the eager reference under create_graph) beside each op's front end.

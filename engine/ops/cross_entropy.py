@@ -1,0 +1,200 @@
+"""Fused linear cross-entropy: ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without
+the (tokens, vocabulary) logits.
+
+Rows of hidden states go through the output projection a chunk at a time: the chunk's logits
+(chunk x V, in the hidden states' dtype, as F.linear gives them) are turned into per-row losses
+and, in the same pass, overwritten with the loss's gradient (engine.kernels.cross_entropy: one
+Triton program per row; the same formulas in torch on the torch path), which two matmuls turn
+into the chunk's share of dhidden and dweight (accumulated in fp32) before the next chunk reuses
+the memory. For reduction "mean" or "sum" the gradients are made during the forward, so the
+backward only scales them by the incoming gradient (a device scalar: no host synchronisation);
+for "none" the backward runs the chunks again with each row's incoming gradient.
+
+Extras beyond F.cross_entropy: ``z_loss`` adds z_loss * lse^2 per counted row (PaLM's auxiliary
+loss), ``softcap`` caps the logits as softcap * tanh(logits / softcap) first (Gemma 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine import backend
+from engine.errors import InvalidArgument, InvalidDtype
+
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_CHUNK_MEMORY = 64 << 20  # bytes of logits one chunk may hold
+
+
+def _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_memory) -> None:
+    op = "linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise InvalidDtype(f"{op}: hidden, weight and bias must share one floating-point dtype, got {hidden.dtype}, "
+                           f"{weight.dtype}{'' if bias is None else f', {bias.dtype}'}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise InvalidArgument(f"{op}: weight must be (vocabulary > 0, {hidden.shape[-1] if hidden.dim() else '?'}) "
+                              f"for hidden of shape {list(hidden.shape)}, got {list(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != weight.shape[:1]:
+        raise InvalidArgument(f"{op}: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise InvalidArgument(f"{op}: expected target dtype to be Long or Byte, but got {target.dtype}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise InvalidArgument(f"{op}: target must have shape {list(hidden.shape[:-1])} (hidden's without its last "
+                              f"dimension), got {list(target.shape)}")
+    for name, t in (("weight", weight), ("target", target), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise InvalidArgument(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
+    if reduction not in REDUCTIONS:
+        raise InvalidArgument(f"{op}: {reduction} is not a valid value for reduction (one of {REDUCTIONS})")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise InvalidArgument(f"{op}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if z_loss < 0:
+        raise InvalidArgument(f"{op}: z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise InvalidArgument(f"{op}: softcap must be None or > 0, got {softcap}")
+    if not isinstance(chunk_memory, int) or chunk_memory <= 0:
+        raise InvalidArgument(f"{op}: chunk_memory must be a positive number of bytes, got {chunk_memory!r}")
+
+
+def _rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_loss, softcap):
+    """engine.kernels.cross_entropy.cross_entropy_rows in torch (the same formulas, in fp32)."""
+    x = logits.float()  # (C, V)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(x, dim=-1)
+    vocab = x.shape[-1]
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < vocab)
+    x_target = x.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+    loss = (1 - label_smoothing) * (lse - x_target) + label_smoothing * (lse - x.mean(-1)) + z_loss * lse * lse
+    loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+    if scale is not None:
+        row_scale = torch.where(ignored, 0.0, torch.where(valid, scale, float("nan")))
+        grad = torch.softmax(x, -1) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab
+        grad.scatter_add_(1, torch.where(valid, target, 0)[:, None],
+                          torch.full_like(lse[:, None], -(1 - label_smoothing)))
+        if softcap is not None:
+            grad *= 1 - (x / softcap) ** 2
+        logits.copy_(grad * row_scale[:, None])
+    return loss, lse
+
+
+def _rows(path: str):
+    """The row pass of ``path``, called as rows(logits, target, scale, **options)."""
+    if path == "torch":
+        return _rows_torch
+    import engine.ops.library as library
+
+    def rows(logits, target, scale, *, ignore_index, label_smoothing, z_loss, softcap):
+        return library.cross_entropy_rows(logits, target, scale, ignore_index, label_smoothing, z_loss, softcap)
+
+    return rows
+
+
+def _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory, *, grads: bool):
+    """Per-row losses (N,) fp32, and with ``grads`` (dhidden (N, H), dweight fp32, dbias fp32 or
+    None), ``scale`` (a (1,) or (N,) fp32 tensor) scaling each row's gradient."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = max(1, min(rows, chunk_memory // (vocab * hidden.element_size())))
+    loss = hidden.new_empty(rows, dtype=torch.float32)
+    dhidden = torch.empty_like(hidden) if grads else None
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+    dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grads and bias is not None else None
+    rows_op = _rows(path)
+    for start in range(0, rows, chunk):
+        h = hidden[start:start + chunk]  # (C, H)
+        logits = F.linear(h, weight, bias)  # (C, V), in hidden's dtype
+        row_scale = None if not grads else scale if scale.numel() == 1 else scale[start:start + chunk]
+        loss[start:start + chunk], _ = rows_op(logits, target[start:start + chunk], row_scale, **options)
+        if grads:  # the logits now hold the gradient
+            torch.mm(logits, weight, out=dhidden[start:start + chunk])
+            if dweight.dtype == logits.dtype:
+                dweight.addmm_(logits.t(), h)
+            else:
+                dweight += torch.mm(logits.t(), h)
+            if dbias is not None:
+                dbias += logits.sum(0, dtype=torch.float32)
+    return loss, dhidden, dweight, dbias
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, reduction, options, path, chunk_memory):
+        counted = (target != options["ignore_index"]).sum()
+        needs = ctx.needs_input_grad
+        early = reduction != "none" and (needs[0] or needs[1] or needs[2])  # gradients in this pass
+        scale = None
+        if early:
+            scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+            if reduction == "mean":
+                scale = scale / counted
+        loss, dhidden, dweight, dbias = _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory,
+                                                grads=early)
+        ctx.reduction, ctx.options, ctx.path, ctx.chunk_memory = reduction, options, path, chunk_memory
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        if early:
+            ctx.save_for_backward(dhidden, dweight, dbias)
+        elif reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, target)
+        if reduction == "none":
+            return loss.to(hidden.dtype)
+        total = loss.sum()
+        return (total / counted if reduction == "mean" else total).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            _, dhidden, dweight, dbias = _chunks(hidden, weight, bias, target, grad.float(), ctx.options, ctx.path,
+                                                 ctx.chunk_memory, grads=True)
+        else:
+            dhidden, dweight, dbias = ctx.saved_tensors
+            grad = grad.float()
+            dhidden = dhidden * grad.to(dhidden.dtype)
+            dweight = dweight * grad
+            dbias = None if dbias is None else dbias * grad
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (dhidden, dweight.to(weight_dtype), None if dbias is None else dbias.to(bias_dtype),
+                None, None, None, None, None)
+
+
+def _refusal(kernels, logits_dtype: torch.dtype) -> str | None:
+    dtypes = kernels.cross_entropy.CROSS_ENTROPY_DTYPES
+    return None if logits_dtype in dtypes else f"dtype {logits_dtype} (the kernel takes {', '.join(map(str, dtypes))})"
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_memory: int = DEFAULT_CHUNK_MEMORY,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` for hidden (*, H), weight
+    (V, H), target (*) class indices, never holding more than ``chunk_memory`` bytes of logits
+    (at least one row's) at a time. Returns the loss in hidden's dtype: a scalar, or (*) for
+    reduction "none" (0 where target is ``ignore_index``). A mean over no counted rows is NaN, as
+    torch's. A target outside [0, V) raises IndexError on CPU and gives NaN on a GPU (where
+    checking would synchronise)."""
+    _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_memory)
+    vocab = weight.shape[0]
+    flat_target = target.reshape(-1).long()
+    if target.device.type == "cpu" and flat_target.numel():
+        outside = (flat_target != ignore_index) & ((flat_target < 0) | (flat_target >= vocab))
+        if outside.any():
+            raise IndexError(f"Target {int(flat_target[outside][0])} is out of bounds.")
+    path = backend.choose("linear_cross_entropy", hidden.device, _refusal, hidden.dtype)
+    options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                   softcap=None if softcap is None else float(softcap))
+    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_target, reduction,
+                                     options, path, chunk_memory)
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -157,9 +157,9 @@ def _loss_memory() -> dict[str, int]:
     """Peak bytes and bytes saved for backward of one loss forward + backward over B*T = 8192 rows
     of width 256, vocabularies of 32K and 128K, fp32: eager F.cross_entropy(F.linear(...)) against
     engine.ops.linear_cross_entropy, measured by engine.testing.track_memory on the meta device
-    (the sizes without the memory). The engine runs its torch path there, whose chunks hold more
-    fp32 scratch than the kernel's (tests/ops/test_cross_entropy_memory.py holds the kernel's path
-    to at most this); on a GPU the benchmark measures both with the allocator's statistics."""
+    (the sizes without the memory). The engine runs its torch path there, the same chunks as the
+    kernel's (tests/ops/test_cross_entropy_memory.py holds the kernel's path to the torch path's
+    peak); on a GPU the benchmark measures both with the allocator's statistics."""
     import torch.nn.functional as F
 
     from engine import backend

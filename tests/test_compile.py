@@ -102,6 +102,37 @@ def test_multi_tensor_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.engine.multi_tensor_scale_.default, (grads, torch.full((), 0.5, device=DEVICE)))
 
 
+def test_cross_entropy_rows_passes_opcheck():
+    logits = torch.randn(6, 301, device=DEVICE)
+    target = torch.tensor([0, 5, -100, 300, 7, 7], device=DEVICE)
+    for scale, softcap in ((None, None), (torch.full((1,), 0.25, device=DEVICE), 20.0),
+                           (torch.rand(6, device=DEVICE), None)):
+        torch.library.opcheck(library.cross_entropy_rows.op, (logits.clone(), target, scale, -100, 0.1, 1e-3, softcap))
+
+
+def test_linear_cross_entropy_compiles_whole():
+    hidden, weight = _grad(2, 9, 32), _grad(301, 32)
+    target = torch.randint(0, 301, (2, 9), device=DEVICE)
+    loss_of = lambda hidden, weight: engine.ops.linear_cross_entropy(hidden, weight, target,  # noqa: E731
+                                                                     chunk_memory=4 * 301 * 4)
+
+    def step(fn):
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight)
+        loss.backward()
+        return [loss.detach(), hidden.grad, weight.grad]
+
+    counters.clear()
+    torch._dynamo.reset()
+    with engine.use_backend("triton"), triton_launches() as launches:
+        expected = step(loss_of)
+        got = step(torch.compile(loss_of, backend=COMPILER, fullgraph=True))
+    assert not counters["graph_break"]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    assert launches["cross_entropy"] == 5 + (5 if COUNTED else 0)  # 18 rows in chunks of 4, eager then compiled
+
+
 def test_an_optimizer_step_with_clipping_compiles_whole():
     """FusedAdamW.step and clip_grad_norm_ reach the extension through torch.ops.engine.*, so they
     compile with fullgraph=True and give the eager results (two steps, amsgrad, weight decay)."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from engine.nn import KVCache, RotaryEmbedding, TransformerBlock
 from engine.nn.blocks import ACTIVATIONS, add_norm_module, make_norm, run_blocks
+from engine.ops import linear_cross_entropy
 from engine.settings import check_types, require, require_finite, require_positive
 
 
@@ -135,14 +136,20 @@ class GPT(torch.nn.Module):
             cache.advance(seqlen)
         return add_norm_module(self.norm, x, residual)[0]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
-        """Logits (B, S, vocab); with ``labels`` (B, S), also the mean next-token cross-entropy
-        (labels shifted inside; -100 ignored): returns (logits, loss)."""
-        logits = self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None, *,
+                return_logits: bool | None = None):
+        """Logits (B, S, vocab); with ``labels`` (B, S), (logits or None, loss): the mean next-token
+        cross-entropy in fp32 (labels shifted inside; -100 ignored), computed from the hidden
+        states by engine.ops.linear_cross_entropy, so no (B, S, vocab) logits are made for it.
+        The logits come too when ``return_logits`` (default: when not training)."""
+        hidden = self.hidden_states(input_ids, cache)
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
+            return self.lm_head(hidden)
+        loss = linear_cross_entropy(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], ignore_index=-100,
+                                    loss_dtype=torch.float32)
+        if return_logits is None:
+            return_logits = not self.training
+        return (self.lm_head(hidden) if return_logits else None), loss
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         weight = self.tok_embed.weight

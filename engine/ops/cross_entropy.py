@@ -60,25 +60,32 @@ def _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, sof
 
 
 def _rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_loss, softcap):
-    """engine.kernels.cross_entropy.cross_entropy_rows in torch (the same formulas, in fp32)."""
-    x = logits.float()  # (C, V)
-    if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
-    lse = torch.logsumexp(x, dim=-1)
-    vocab = x.shape[-1]
+    """engine.kernels.cross_entropy.cross_entropy_rows in torch (the same formulas, in fp32; the
+    gradient is formed in place in the fp32 copy, or in the logits themselves when fp32)."""
+    x = logits.float()  # (C, V): the logits themselves when they are fp32
+    capped = x if softcap is None else softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(capped, dim=-1)
+    vocab = capped.shape[-1]
     ignored = target == ignore_index
     valid = (target >= 0) & (target < vocab)
-    x_target = x.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
-    loss = (1 - label_smoothing) * (lse - x_target) + label_smoothing * (lse - x.mean(-1)) + z_loss * lse * lse
+    index = torch.where(valid, target, 0)[:, None]
+    loss = (1 - label_smoothing) * (lse - capped.gather(1, index)[:, 0]) + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - capped.mean(-1))
     loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
     if scale is not None:
-        row_scale = torch.where(ignored, 0.0, torch.where(valid, scale, float("nan")))
-        grad = torch.softmax(x, -1) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab
-        grad.scatter_add_(1, torch.where(valid, target, 0)[:, None],
-                          torch.full_like(lse[:, None], -(1 - label_smoothing)))
-        if softcap is not None:
-            grad *= 1 - (x / softcap) ** 2
-        logits.copy_(grad * row_scale[:, None])
+        derivative = None if softcap is None else 1 - (capped / softcap) ** 2
+        grad = capped.sub_(lse[:, None]).exp_()  # the softmax, over the capped logits' memory
+        if z_loss:
+            grad.mul_(1 + 2 * z_loss * lse[:, None])
+        if label_smoothing:
+            grad.sub_(label_smoothing / vocab)
+        grad.scatter_add_(1, index, torch.full_like(lse[:, None], -(1 - label_smoothing)))
+        if derivative is not None:
+            grad.mul_(derivative)
+        grad.mul_(torch.where(ignored, 0.0, torch.where(valid, scale, float("nan")))[:, None])
+        if grad.data_ptr() != logits.data_ptr():
+            logits.copy_(grad)
     return loss, lse
 
 
@@ -122,7 +129,7 @@ def _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory, *,
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, reduction, options, path, chunk_memory):
+    def forward(ctx, hidden, weight, bias, target, reduction, options, path, chunk_memory, loss_dtype):
         counted = (target != options["ignore_index"]).sum()
         needs = ctx.needs_input_grad
         early = reduction != "none" and (needs[0] or needs[1] or needs[2])  # gradients in this pass
@@ -140,9 +147,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target)
         if reduction == "none":
-            return loss.to(hidden.dtype)
+            return loss.to(loss_dtype)
         total = loss.sum()
-        return (total / counted if reduction == "mean" else total).to(hidden.dtype)
+        return (total / counted if reduction == "mean" else total).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -158,7 +165,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dbias = None if dbias is None else dbias * grad
         weight_dtype, bias_dtype = ctx.dtypes
         return (dhidden, dweight.to(weight_dtype), None if dbias is None else dbias.to(bias_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+def _check_bounds(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """IndexError, as torch's, when a CPU target is outside [0, vocab) and not ignore_index. The
+    check is an index into a vocab-sized CPU tensor (C++ checks the bounds), as torch's own loss
+    checks in C++: nothing is read back in Python."""
+    probe = torch.where(target == ignore_index, 0, target)
+    try:
+        torch.empty(vocab, dtype=torch.uint8)[torch.where(probe < 0, vocab, probe)]
+    except IndexError:
+        raise IndexError(f"linear_cross_entropy: Target out of bounds: a target is outside [0, {vocab}) and not "
+                         f"ignore_index ({ignore_index})") from None
 
 
 def _refusal(kernels, logits_dtype: torch.dtype) -> str | None:
@@ -178,23 +197,23 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_memory: int = DEFAULT_CHUNK_MEMORY,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` for hidden (*, H), weight
     (V, H), target (*) class indices, never holding more than ``chunk_memory`` bytes of logits
-    (at least one row's) at a time. Returns the loss in hidden's dtype: a scalar, or (*) for
-    reduction "none" (0 where target is ``ignore_index``). A mean over no counted rows is NaN, as
+    (at least one row's) at a time. Returns the loss in ``loss_dtype`` (default: hidden's, as
+    torch's; the sums are fp32 either way): a scalar, or (*) for reduction "none" (0 where
+    target is ``ignore_index``). A mean over no counted rows is NaN, as
     torch's. A target outside [0, V) raises IndexError on CPU and gives NaN on a GPU (where
-    checking would synchronise)."""
+    checking would synchronise) and under torch.compile."""
     _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_memory)
     vocab = weight.shape[0]
     flat_target = target.reshape(-1).long()
-    if target.device.type == "cpu" and flat_target.numel():
-        outside = (flat_target != ignore_index) & ((flat_target < 0) | (flat_target >= vocab))
-        if outside.any():
-            raise IndexError(f"Target {int(flat_target[outside][0])} is out of bounds.")
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_bounds(flat_target, vocab, ignore_index)
     path = backend.choose("linear_cross_entropy", hidden.device, _refusal, hidden.dtype)
     options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap))
     loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_target, reduction,
-                                     options, path, chunk_memory)
+                                     options, path, chunk_memory, loss_dtype or hidden.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -35,10 +35,13 @@ def test_config_derives_fields_and_names_sizes():
 def test_forward_loss_and_tied_embeddings(name):
     model = _model(name)
     ids = torch.randint(0, 256, (2, 17), device=DEVICE)
-    logits, loss = model(ids, labels=ids)
-    assert logits.shape == (2, 17, 256)
+    logits, loss = model(ids, labels=ids, return_logits=True)
+    assert logits.shape == (2, 17, 256) and loss.dtype == torch.float32
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, expected)
+    no_logits, training_loss = model(ids, labels=ids)  # training: the loss never made the logits
+    assert no_logits is None and torch.equal(training_loss, loss)
+    assert model.eval()(ids, labels=ids)[0].shape == (2, 17, 256)
     assert model.lm_head.weight is model.tok_embed.weight
     assert not _model(name, tie_embeddings=False).lm_head.weight is _model(name).tok_embed.weight
     with pytest.raises(ValueError, match="max_positions"):
@@ -86,7 +89,7 @@ def _compare_backends(model, ids, labels):
     def run(m, backend):
         m.zero_grad()
         with engine.use_backend(backend):
-            logits, loss = m(ids, labels=labels)
+            logits, loss = m(ids, labels=labels, return_logits=True)
             loss.backward()
         return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
 
@@ -109,6 +112,7 @@ def test_kernels_match_torch_through_the_whole_model(name):
     norm = "rms_norm" if name == "llama-tiny" else "layer_norm"
     assert launches["attention_fwd"] == layers and launches["attention_bwd_dkdv"] == layers
     assert launches[f"{norm}_fwd"] == 2 * layers + 1
+    assert launches["cross_entropy"] == 1  # the loss: one chunk of 2 x 36 rows, gradients included
 
 
 def test_torch_compile_of_an_engine_model():

@@ -34,7 +34,8 @@ def test_the_kernel_path_holds_a_fraction_of_eagers_memory():
         torch_path = _measure(fused, "meta")
     logits = ROWS * VOCAB * 4
     assert eager.peak >= 2 * logits and eager.saved >= logits  # the logits and their log-softmax
-    assert kernel.peak <= eager.peak / 8 and kernel.peak <= torch_path.peak
+    assert kernel.peak <= eager.peak / 8
+    assert kernel.peak <= torch_path.peak + 16 * 128  # the same chunks; per-row vectors of a chunk aside
     # saved for backward: dhidden and the fp32 dweight, made in the forward; no logits
     assert kernel.saved == torch_path.saved == ROWS * WIDTH * 4 + VOCAB * WIDTH * 4
 

@@ -31,7 +31,9 @@ from triton.runtime.jit import JITFunction
 from engine.kernels import _tuning, attention
 from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
 from engine.kernels.cross_entropy import cross_entropy_rows
+from engine.kernels.glu import glu_backward, glu_forward
 from engine.kernels.norm import norm_backward, norm_forward
+from engine.kernels.rotary import rotary
 
 # Shared memory one program may use (CUDA's sharedMemPerBlockOptin), by compute capability.
 SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -159,7 +161,8 @@ def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "
 
 def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     """Launcher calls covering every kernel: norms by kind, dtype and width (registers only, rows
-    looped over column blocks past 64 KiB); attention by head dim and dtype, then its features."""
+    looped over column blocks past 64 KiB); attention by head dim and dtype, then its features;
+    the loss rows, the gated units and the rotary embeddings."""
     found = {}
     for rms in (False, True):
         for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)):
@@ -191,6 +194,16 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
         found[f"cross_entropy {str(dtype)[6:]} vocabulary 50257, softcap"] = lambda dtype=dtype: cross_entropy_rows(
             torch.randn(8, 50257, dtype=dtype), torch.zeros(8, dtype=torch.int64), torch.ones(1), ignore_index=-100,
             label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    for activation in ("silu", "gelu", "gelu_tanh"):  # the MLP's gated units, forward and backward
+        found[f"glu {activation} bfloat16 width 11008"] = lambda activation=activation: glu_backward(
+            *(torch.randn(64, 11008, dtype=torch.bfloat16) for _ in range(2)),
+            glu_forward(*(torch.randn(64, 11008, dtype=torch.bfloat16) for _ in range(2)), activation=activation),
+            activation=activation)
+    for head_dim, rotary_dims, interleaved in ((128, 128, False), (96, 32, True)):
+        found[f"rotary bfloat16 head_dim {head_dim}, {rotary_dims} rotated{', interleaved' if interleaved else ''}"] = (
+            lambda head_dim=head_dim, rotary_dims=rotary_dims, interleaved=interleaved: [rotary(
+                torch.randn(2, 4, 256, head_dim, dtype=torch.bfloat16), torch.rand(1, 256, rotary_dims),
+                torch.rand(1, 256, rotary_dims), interleaved=interleaved, inverse=inverse) for inverse in (False, True)])
     found["attention dropout mask"] = lambda: dropout_keep_mask(torch.ones(1, dtype=torch.int64), 2, 2, 128, 128, 0.1,
                                                                          torch.device("cpu"))
     return found

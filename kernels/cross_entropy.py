@@ -21,15 +21,16 @@ import triton
 import triton.language as tl
 
 from engine.kernels._launch import INTERPRETED, check_same_device, launch, next_power_of_2
+from engine.kernels.glu import stable_tanh
 
 CROSS_ENTROPY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
-    """softcap * tanh(x / softcap), as 1 - 2 / (exp(2y) + 1): finite at both ends."""
+    """softcap * tanh(x / softcap)."""
     if HAS_SOFTCAP:
-        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0))
+        x = softcap * stable_tanh(x / softcap)
     return x
 
 

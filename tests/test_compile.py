@@ -110,6 +110,19 @@ def test_cross_entropy_rows_passes_opcheck():
         torch.library.opcheck(library.cross_entropy_rows.op, (logits.clone(), target, scale, -100, 0.1, 1e-3, softcap))
 
 
+def test_glu_and_rotary_ops_pass_opcheck():
+    fused = _grad(5, 2 * 48)
+    gate, up = fused.chunk(2, dim=-1)  # strided halves, as the MLP passes them
+    for activation in ("silu", "gelu", "gelu_tanh"):
+        torch.library.opcheck(library.glu_fwd.op, (gate, up, activation))
+        torch.library.opcheck(library.glu_bwd.op, (torch.randn(5, 48, device=DEVICE), gate.detach(), up.detach(),
+                                                   activation))
+    x = _grad(2, 3, 7, 40)
+    cos, sin = torch.rand(2, 7, 32, device=DEVICE), torch.rand(2, 7, 32, device=DEVICE)
+    for interleaved in (False, True):
+        torch.library.opcheck(library.rotary.op, (x, cos, sin, interleaved, False))
+
+
 def test_linear_cross_entropy_compiles_whole():
     hidden, weight = _grad(2, 9, 32), _grad(301, 32)
     target = torch.randint(0, 301, (2, 9), device=DEVICE)

@@ -8,7 +8,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.nn import KVCache, RotaryEmbedding, TransformerBlock
 from engine.nn.blocks import ACTIVATIONS, add_norm_module, make_norm, run_blocks

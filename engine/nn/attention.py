@@ -137,7 +137,7 @@ class SelfAttention(torch.nn.Module):
         qkv = self.qkv_proj(x).view(batch, seqlen, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # (B, H*, S, D)
         if rotary is not None:
-            q, k = rotate_half(q, *rotary), rotate_half(k, *rotary)
+            q, k = ops.apply_rotary(q, k, *rotary)
         dropout_p = self.dropout if self.training else 0.0
         if _recorded is not None:
             keys = k if cache is None else torch.cat([cache.keys[layer][:, :, :cache.length], k], dim=2)
@@ -179,10 +179,3 @@ class KVCache:
 
     def advance(self, count: int) -> None:
         self.length += count
-
-
-def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the "rotate half" layout: x * cos + [-x2, x1] * sin, computed in fp32."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from engine import ops
-from engine.nn.attention import MultiheadAttention, SelfAttention, rotate_half
+from engine.nn.attention import MultiheadAttention, SelfAttention
 from engine.nn.norm import LayerNorm, RMSNorm, _FromTorch
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
@@ -36,8 +36,7 @@ class MLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = ops.swiglu(*h.chunk(2, dim=-1))  # one kernel each way; the activation recomputed in backward
         else:
             h = ACTIVATIONS[self.activation](h)
         return self.dropout(self.proj(h))
@@ -68,7 +67,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions)
-        return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+        return ops.apply_rotary(q, k, cos, sin)
 
 
 class TransformerBlock(torch.nn.Module):

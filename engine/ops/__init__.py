@@ -2,10 +2,13 @@
 
 from engine.ops.attention import explain_sdpa, flash_attention, flash_attn_varlen, scaled_dot_product_attention
 from engine.ops.cross_entropy import linear_cross_entropy
+from engine.ops.glu import geglu, swiglu
 from engine.ops.norm import add_norm, layer_norm, rms_norm
 from engine.ops.reference import attention_probs, attention_reference, varlen_reference
+from engine.ops.rotary import apply_rotary, rotary_reference
 
 __all__ = [
-    "add_norm", "attention_probs", "attention_reference", "explain_sdpa", "flash_attention", "flash_attn_varlen",
-    "layer_norm", "linear_cross_entropy", "rms_norm", "scaled_dot_product_attention", "varlen_reference",
+    "add_norm", "apply_rotary", "attention_probs", "attention_reference", "explain_sdpa", "flash_attention",
+    "flash_attn_varlen", "geglu", "layer_norm", "linear_cross_entropy", "rms_norm", "rotary_reference",
+    "scaled_dot_product_attention", "swiglu", "varlen_reference",
 ]

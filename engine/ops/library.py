@@ -1,5 +1,6 @@
 """The engine's kernels as torch.library operators: ``torch.ops.engine.norm_fwd``, ``norm_bwd``,
-``attention_fwd`` and ``attention_bwd``, with shape (fake) functions and autograd formulas, so that
+``attention_fwd``, ``attention_bwd``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd`` and ``rotary``, with
+shape (fake) functions and autograd formulas, so that
 torch.compile traces a model through them without a graph break.
 
 On a GPU machine they are ``triton_op``s: torch.compile traces into the Triton launches
@@ -140,8 +141,33 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.
         softcap=softcap, validate=validate)
 
 
+@_kernel_op("glu_fwd")
+def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str, *, validate: bool = True) -> torch.Tensor:
+    """act(gate) * up of (M, N) rows: see engine.kernels.glu."""
+    return kernels.glu.glu_forward(gate, up, activation=activation, validate=validate)
+
+
+@_kernel_op("glu_bwd")
+def glu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str, *, validate: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) from dout and glu_fwd's inputs."""
+    return kernels.glu.glu_backward(dout, gate, up, activation=activation, validate=validate)
+
+
+@_kernel_op("rotary")
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, inverse: bool, *,
+           validate: bool = True) -> torch.Tensor:
+    """x (B, H, S, D) with rotary embeddings (the transposed rotation when ``inverse``): see
+    engine.kernels.rotary."""
+    return kernels.rotary.rotary(x, cos, sin, interleaved=interleaved, inverse=inverse, validate=validate)
+
+
 # The backward formulas (kernels, or the eager reference under create_graph) beside each op's front end.
-from engine.ops import attention as _attention, norm as _norm  # noqa: E402  (both are loaded by now)
+from engine.ops import (  # noqa: E402  (all loaded by now)
+    attention as _attention, glu as _glu, norm as _norm, rotary as _rotary,
+)
 
 norm_fwd.register_autograd(_norm.norm_backward, setup_context=_norm.setup_norm_backward)
 attention_fwd.register_autograd(_attention.attention_backward, setup_context=_attention.setup_attention_backward)
+glu_fwd.register_autograd(_glu.glu_backward, setup_context=_glu.setup_glu_backward)
+rotary.register_autograd(_rotary.rotary_backward, setup_context=_rotary.setup_rotary_backward)

@@ -13,7 +13,7 @@ from engine.kernels.attention import common
 
 KERNELS = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel", "_decode_split_kernel",
-           "_decode_combine_kernel", "_cross_entropy_kernel"}
+           "_decode_combine_kernel", "_cross_entropy_kernel", "_glu_kernel", "_rotary_kernel"}
 
 
 @pytest.fixture(scope="module")

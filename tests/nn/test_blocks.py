@@ -50,6 +50,12 @@ def test_rotary_matches_the_complex_rotation_and_is_relative():
         engine.nn.RotaryEmbedding(7)
 
 
+def _rotate_half(x, cos, sin):
+    """Hugging Face's rotary formula, in fp32: x * cos + [-x2, x1] * sin."""
+    half = x.shape[-1] // 2
+    return (x.float() * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1).float() * sin).to(x.dtype)
+
+
 def _explicit_block(block, x, rotary=None, is_causal=True):
     """The same block without fusion: plain residual adds and torch's norms and attention."""
     attn = block.attn
@@ -59,7 +65,7 @@ def _explicit_block(block, x, rotary=None, is_causal=True):
         qkv = attn.qkv_proj(h).view(b, s, attn.num_heads + 2 * attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         q, k, v = qkv.split([attn.num_heads, attn.num_kv_heads, attn.num_kv_heads], dim=1)
         if rotary is not None:
-            q, k = engine.nn.attention.rotate_half(q, *rotary), engine.nn.attention.rotate_half(k, *rotary)
+            q, k = _rotate_half(q, *rotary), _rotate_half(k, *rotary)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
         return attn.out_proj(out.transpose(1, 2).reshape(b, s, -1))
 

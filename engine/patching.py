@@ -4,7 +4,9 @@ One table maps module classes to converters; every converter shares the original
 (no copy), so the state_dict is unchanged and ``undo()`` puts the original modules back. Hugging
 Face models that use transformers' attention-function registry (BERT, GPT-2, Llama and most
 others in transformers 5) also get their attention routed through
-``engine.ops.scaled_dot_product_attention``. Modules with no entry are left alone and listed.
+``engine.ops.scaled_dot_product_attention``, and those whose modeling module defines
+``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2/3, Gemma/2/3, ...) get it replaced there by
+``engine.ops.apply_rotary``. Modules with no entry are left alone and listed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from engine import nn as engine_nn
 from engine import ops
 
 ATTENTION_NAME = "engine"
+
+
+# transformers' activation classes -> the engine's gated units
+_GATED_ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+                      "PytorchGELUTanh": "gelu_tanh"}
+
+
+def _hf_gated_mlp(module: torch.nn.Module) -> engine_nn.GatedMLP | None:
+    """A transformers gated MLP (gate_proj, up_proj, down_proj, act_fn) as engine.nn.GatedMLP, or
+    None when its activation has no fused kernel."""
+    activation = _GATED_ACTIVATIONS.get(type(module.act_fn).__name__)
+    if activation is None:
+        return None
+    return engine_nn.GatedMLP(module.gate_proj, module.up_proj, module.down_proj, activation)
 
 
 def _hf_rms_norm(module: torch.nn.Module, *, casting_mode: str, offset: float = 0.0) -> engine_nn.RMSNorm:
@@ -46,6 +62,8 @@ REPLACEMENTS_BY_NAME: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = 
     **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"),
                     functools.partial(_hf_rms_norm, casting_mode="gemma", offset=1.0)),
     "Olmo2RMSNorm": functools.partial(_hf_rms_norm, casting_mode="gemma"),  # (w * fp32 normalised).to(input dtype)
+    **dict.fromkeys(("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
+                     "Olmo2MLP"), _hf_gated_mlp),
 }
 
 
@@ -73,6 +91,31 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def hf_apply_rotary_pos_emb(original: Callable, q, k, cos, sin, *args, **kwargs):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` over
+    engine.ops.apply_rotary for q, k (B, H, S, D) and cos, sin (B, S, R); any other layout (an
+    unsqueeze_dim other than 1, or older signatures' position_ids) takes the original."""
+    unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args else 1)
+    if unsqueeze_dim != 1 or len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or q.dim() != 4 or cos.dim() != 3:
+        return original(q, k, cos, sin, *args, **kwargs)
+    return ops.apply_rotary(q, k, cos, sin)
+
+
+def _patch_rotary(model: torch.nn.Module) -> list[tuple[object, Callable]]:
+    """Replace ``apply_rotary_pos_emb`` in the transformers modeling modules ``model``'s modules
+    come from; returns (module, original) pairs for undo."""
+    import sys
+
+    patched = []
+    for name in dict.fromkeys(type(m).__module__ for m in model.modules()):
+        module = sys.modules.get(name)
+        original = getattr(module, "apply_rotary_pos_emb", None)
+        if name.startswith("transformers.") and callable(original) and not isinstance(original, functools.partial):
+            module.apply_rotary_pos_emb = functools.partial(hf_apply_rotary_pos_emb, original)
+            patched.append((module, original))
+    return patched
 
 
 def _register_hf_attention() -> bool:
@@ -106,6 +149,7 @@ class PatchReport:
     attention: str | None  # the transformers attention implementation replaced by the engine's, if any
     left: dict[str, str]  # class name -> why it runs as it was
     differences: dict[str, float] | None = None
+    rotary: list[tuple[object, Callable]] = dataclasses.field(default_factory=list)  # (modeling module, original)
 
     def counts(self) -> Counter[str]:
         """Replaced modules per original class name."""
@@ -117,13 +161,17 @@ class PatchReport:
             setattr(r.parent, r.attribute, r.original)
         if self.attention is not None:
             self.model.set_attn_implementation(self.attention)
-        self.replaced, self.attention = [], None
+        for module, original in self.rotary:
+            module.apply_rotary_pos_emb = original
+        self.replaced, self.attention, self.rotary = [], None, []
 
     def __str__(self) -> str:
         lines = [f"engine.patch: replaced {len(self.replaced)} module(s)"]
         lines += [f"  {name} x{count}" for name, count in sorted(self.counts().items())]
         if self.attention is not None:
             lines.append(f"  attention: transformers '{self.attention}' -> '{ATTENTION_NAME}' (engine SDPA)")
+        for module, _ in self.rotary:
+            lines.append(f"  rotary: {module.__name__}.apply_rotary_pos_emb -> engine.ops.apply_rotary")
         if self.left:
             lines.append("left as they were:")
             lines += [f"  {name}: {why}" for name, why in sorted(self.left.items())]
@@ -146,14 +194,16 @@ def _replace(model: torch.nn.Module) -> tuple[list[Replacement], dict[str, str]]
         for attribute, child in list(parent.named_children()):
             name = prefix + attribute
             convert = _converter(child)
-            if convert is not None:
-                new = convert(child)
+            new = None if convert is None else convert(child)
+            if new is not None:
                 setattr(parent, attribute, new)
                 replaced.append(Replacement(name, parent, attribute, child, new))
             elif isinstance(child, (engine_nn.LayerNorm, engine_nn.RMSNorm, engine_nn.MultiheadAttention,
-                                    engine_nn.TransformerEncoderLayer)):
+                                    engine_nn.TransformerEncoderLayer, engine_nn.GatedMLP)):
                 continue  # already the engine's
             else:
+                if convert is not None:  # a converter that declined
+                    left[type(child).__name__] = f"activation {type(child.act_fn).__name__} has no fused kernel"
                 if not any(True for _ in child.children()) and any(True for _ in child.parameters(recurse=False)):
                     left[type(child).__name__] = "no engine replacement: runs PyTorch's own kernels"
                 visit(child, name + ".")
@@ -210,7 +260,7 @@ def patch(model: torch.nn.Module, *, verify: bool = False, sample=None, attentio
         model.set_attn_implementation(ATTENTION_NAME)
     elif attention and config is not None and hasattr(model, "set_attn_implementation"):
         left["attention"] = "this transformers model does not use the attention-function registry"
-    report = PatchReport(model, replaced, previous_attention, left)
+    report = PatchReport(model, replaced, previous_attention, left, rotary=_patch_rotary(model))
     if verify:
         after = _outputs_and_grads(model, sample)
         report.differences = {name: (after[name].double() - value.double()).abs().max().item()

@@ -1,6 +1,7 @@
 """engine.patch on torch.nn models and Hugging Face BERT, GPT-2 and Llama."""
 
 import copy
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _hf_models():
         "minilm": (lambda: transformers.BertModel.from_pretrained(MINILM),
                    dict(input_ids=ids * 10, attention_mask=mask), {"LayerNorm": 13}),
         "gpt2": (lambda: copy.deepcopy(gpt2), dict(input_ids=ids, attention_mask=mask), {"LayerNorm": 5}),
-        "llama": (lambda: copy.deepcopy(llama), dict(input_ids=ids), {"LlamaRMSNorm": 5}),
+        "llama": (lambda: copy.deepcopy(llama), dict(input_ids=ids), {"LlamaRMSNorm": 5, "LlamaMLP": 2}),
     }
 
 
@@ -104,12 +105,18 @@ def test_hugging_face_models_run_on_the_kernels_with_unchanged_numbers(family):
     assert report.attention == "sdpa" and model.config._attn_implementation == "engine"
     layers = model.config.num_hidden_layers
     assert launches["attention_fwd"] == layers and launches["attention_bwd_dkdv"] == layers
+    if family == "llama":  # rotary on q and k, forward and backward; the gated MLP each way
+        assert launches["rotary"] == 4 * layers and launches["glu_fwd"] == launches["glu_bwd"] == layers
+        assert [module.__name__ for module, _ in report.rotary] == ["transformers.models.llama.modeling_llama"]
     assert list(model.state_dict()) == keys
     tolerance = TOLERANCES[torch.float32]
     worst = max(report.differences.items(), key=lambda item: item[1])
     assert worst[1] < 100 * tolerance["atol"], worst
+    rotary_modules = [module for module, _ in report.rotary]
     report.undo()
     assert model.config._attn_implementation == "sdpa"
+    assert not any(isinstance(module.apply_rotary_pos_emb, functools.partial) for module in rotary_modules)
+    assert all(not isinstance(m, engine.nn.GatedMLP) for m in model.modules())
 
 
 def test_a_patched_model_trains_like_the_original():

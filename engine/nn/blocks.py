@@ -42,6 +42,25 @@ class MLP(torch.nn.Module):
         return self.dropout(self.proj(h))
 
 
+class GatedMLP(torch.nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)), the gated unit fused (engine.ops.swiglu or geglu):
+    the Llama-family MLP over three existing projections (shared, not copied; their names, so the
+    state_dict keys, are Hugging Face's). ``activation``: "silu", "gelu" or "gelu_tanh"."""
+
+    def __init__(self, gate_proj: torch.nn.Module, up_proj: torch.nn.Module, down_proj: torch.nn.Module,
+                 activation: str):
+        super().__init__()
+        if activation not in ("silu", "gelu", "gelu_tanh"):
+            raise ValueError(f"GatedMLP: activation must be 'silu', 'gelu' or 'gelu_tanh', got {activation!r}")
+        self.gate_proj, self.up_proj, self.down_proj, self.activation = gate_proj, up_proj, down_proj, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "silu":
+            return self.down_proj(ops.swiglu(gate, up))
+        return self.down_proj(ops.geglu(gate, up, approximate="tanh" if self.activation == "gelu_tanh" else "none"))
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embeddings (the "rotate half" layout of Llama and GPT-NeoX).
 

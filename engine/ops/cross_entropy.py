@@ -84,7 +84,7 @@ def _rows_torch(logits, target, scale, *, ignore_index, label_smoothing, z_loss,
         if derivative is not None:
             grad.mul_(derivative)
         grad.mul_(torch.where(ignored, 0.0, torch.where(valid, scale, float("nan")))[:, None])
-        if grad.data_ptr() != logits.data_ptr():
+        if capped is not logits:  # an fp32 copy (16-bit logits) or the capped values
             logits.copy_(grad)
     return loss, lse
 

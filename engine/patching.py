@@ -6,7 +6,9 @@ Face models that use transformers' attention-function registry (BERT, GPT-2, Lla
 others in transformers 5) also get their attention routed through
 ``engine.ops.scaled_dot_product_attention``, and those whose modeling module defines
 ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2/3, Gemma/2/3, ...) get it replaced there by
-``engine.ops.apply_rotary``. Modules with no entry are left alone and listed.
+``engine.ops.apply_rotary``; causal LMs compute their training loss with
+``engine.ops.linear_cross_entropy`` (no full logits). Modules with no entry are left alone and
+listed.
 """
 
 from __future__ import annotations
@@ -77,9 +79,13 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                  position_bias=None, **kwargs):
     """transformers' attention-function signature over engine.ops.scaled_dot_product_attention:
     query (B, Hq, L, D), key/value (B, Hkv, S, D) -> ((B, L, Hq, D), None), with the causal and
-    mask conventions of transformers' "sdpa" function. Position biases and soft-capping take
-    transformers' own "sdpa" path."""
-    if position_bias is not None or kwargs.get("softcap") is not None:
+    mask conventions of transformers' "sdpa" function. Position biases take transformers' own
+    "sdpa" path; soft-capped scores (Gemma 2) the eager formula, which sdpa cannot run."""
+    if kwargs.get("softcap") is not None:
+        causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        return _softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs["softcap"],
+                                     causal)
+    if position_bias is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -91,6 +97,25 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, causal):
+    """transformers' eager attention with soft-capped scores, softcap * tanh(s / softcap), for
+    query (B, Hq, L, D) and key/value (B, Hkv, S, D); the softmax in fp32; without a mask,
+    ``causal`` aligns the queries with the last keys. ((B, L, Hq, D), probs)."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is None and causal:
+        length, keys = query.shape[-2], key.shape[-2]
+        attention_mask = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
+    if attention_mask is not None:
+        mask = attention_mask[..., :key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
 def hf_apply_rotary_pos_emb(original: Callable, q, k, cos, sin, *args, **kwargs):
@@ -116,6 +141,57 @@ def _patch_rotary(model: torch.nn.Module) -> list[tuple[object, Callable]]:
             module.apply_rotary_pos_emb = functools.partial(hf_apply_rotary_pos_emb, original)
             patched.append((module, original))
     return patched
+
+
+class _HiddenStates(torch.nn.Module):
+    """Stands in for ``lm_head`` during a fused-loss forward: the "logits" it gives are its input."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def hf_causal_lm_forward(model: torch.nn.Module, original: Callable, *args, labels=None, **kwargs):
+    """A transformers causal LM's own forward with its loss from engine.ops.linear_cross_entropy:
+    in training, with labels, ``lm_head`` gives the final hidden states for the call, so no
+    (B, S, vocabulary) logits are made; the loss is transformers' (labels shifted, -100 ignored,
+    a mean, or a sum over ``num_items_in_batch``), with Gemma 2's final logit softcap, and the
+    output's logits are None. Otherwise (no labels, eval mode, shift_labels, logits_to_keep,
+    return_dict=False) the original runs unchanged."""
+    head = model.lm_head
+    if (labels is None or not model.training or kwargs.get("shift_labels") is not None
+            or kwargs.get("logits_to_keep", 0) or kwargs.get("return_dict") is False
+            or not isinstance(head, torch.nn.Linear)):
+        return original(*args, labels=labels, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    model.lm_head = _HiddenStates()
+    if softcap is not None:
+        config.final_logit_softcapping = None
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        model.lm_head = head
+        if softcap is not None:
+            config.final_logit_softcapping = softcap
+    hidden = out.logits  # (B, S, E): the final hidden states
+    loss = ops.linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:].to(hidden.device), head.bias,
+                                    reduction="mean" if num_items is None else "sum", softcap=softcap,
+                                    loss_dtype=torch.float32)
+    out.loss = loss if num_items is None else loss / num_items
+    out.logits = None
+    return out
+
+
+def _patch_causal_lm(model: torch.nn.Module) -> bool:
+    """Give a transformers causal LM (``*ForCausalLM``, ``*LMHeadModel`` with a Linear lm_head) the
+    fused loss; True if it was."""
+    name = type(model).__name__
+    if (not type(model).__module__.startswith("transformers.") or not name.endswith(("ForCausalLM", "LMHeadModel"))
+            or not isinstance(getattr(model, "lm_head", None), torch.nn.Linear) or "forward" in vars(model)):
+        return False
+    model.forward = functools.partial(hf_causal_lm_forward, model, model.forward)
+    return True
 
 
 def _register_hf_attention() -> bool:
@@ -150,6 +226,7 @@ class PatchReport:
     left: dict[str, str]  # class name -> why it runs as it was
     differences: dict[str, float] | None = None
     rotary: list[tuple[object, Callable]] = dataclasses.field(default_factory=list)  # (modeling module, original)
+    fused_loss: bool = False  # a transformers causal LM's loss by engine.ops.linear_cross_entropy
 
     def counts(self) -> Counter[str]:
         """Replaced modules per original class name."""
@@ -163,7 +240,9 @@ class PatchReport:
             self.model.set_attn_implementation(self.attention)
         for module, original in self.rotary:
             module.apply_rotary_pos_emb = original
-        self.replaced, self.attention, self.rotary = [], None, []
+        if self.fused_loss:
+            del self.model.forward  # the instance's wrapper: the class's forward again
+        self.replaced, self.attention, self.rotary, self.fused_loss = [], None, [], False
 
     def __str__(self) -> str:
         lines = [f"engine.patch: replaced {len(self.replaced)} module(s)"]
@@ -172,6 +251,8 @@ class PatchReport:
             lines.append(f"  attention: transformers '{self.attention}' -> '{ATTENTION_NAME}' (engine SDPA)")
         for module, _ in self.rotary:
             lines.append(f"  rotary: {module.__name__}.apply_rotary_pos_emb -> engine.ops.apply_rotary")
+        if self.fused_loss:
+            lines.append("  loss: engine.ops.linear_cross_entropy from the final hidden states (training, with labels)")
         if self.left:
             lines.append("left as they were:")
             lines += [f"  {name}: {why}" for name, why in sorted(self.left.items())]
@@ -260,7 +341,8 @@ def patch(model: torch.nn.Module, *, verify: bool = False, sample=None, attentio
         model.set_attn_implementation(ATTENTION_NAME)
     elif attention and config is not None and hasattr(model, "set_attn_implementation"):
         left["attention"] = "this transformers model does not use the attention-function registry"
-    report = PatchReport(model, replaced, previous_attention, left, rotary=_patch_rotary(model))
+    report = PatchReport(model, replaced, previous_attention, left, rotary=_patch_rotary(model),
+                         fused_loss=_patch_causal_lm(model))
     if verify:
         after = _outputs_and_grads(model, sample)
         report.differences = {name: (after[name].double() - value.double()).abs().max().item()

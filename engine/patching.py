@@ -129,12 +129,12 @@ def hf_apply_rotary_pos_emb(original: Callable, q, k, cos, sin, *args, **kwargs)
 
 
 def _patch_rotary(model: torch.nn.Module) -> list[tuple[object, Callable]]:
-    """Replace ``apply_rotary_pos_emb`` in the transformers modeling modules ``model``'s modules
-    come from; returns (module, original) pairs for undo."""
+    """Replace ``apply_rotary_pos_emb`` in the transformers modeling modules that ``model``'s
+    attention modules come from; returns (module, original) pairs for undo."""
     import sys
 
     patched = []
-    for name in dict.fromkeys(type(m).__module__ for m in model.modules()):
+    for name in dict.fromkeys(type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")):
         module = sys.modules.get(name)
         original = getattr(module, "apply_rotary_pos_emb", None)
         if name.startswith("transformers.") and callable(original) and not isinstance(original, functools.partial):

@@ -284,7 +284,7 @@ def _hugging_face(family):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_patched_hugging_face_models_compile_whole(family):
     model = _hugging_face(family)
-    engine.patch(model)
+    report = engine.patch(model)
     ids = torch.randint(0, 100, (2, 17), device=DEVICE)
     mask = torch.ones(2, 17, dtype=torch.long, device=DEVICE)
     mask[1, 12:] = 0
@@ -296,9 +296,32 @@ def test_patched_hugging_face_models_compile_whole(family):
         first.float().square().mean().backward()
         return [first.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    expected, got, launches = _compiled_matches_eager(model, run)
+    try:
+        expected, got, launches = _compiled_matches_eager(model, run)
+    finally:
+        report.undo()  # the rotary function is the modeling module's: leave it as it was
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not COUNTED or launches["attention_fwd"] == 2 and launches["attention_bwd_dkdv"] == 2
+
+
+def test_a_patched_causal_lms_fused_loss_compiles_whole():
+    """Training with labels: lm_head stands aside for the call and the loss is the fused one."""
+    model = _hugging_face("llama")
+    report = engine.patch(model)
+    ids = torch.randint(0, 100, (2, 17), device=DEVICE)
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    try:
+        expected, got, launches = _compiled_matches_eager(model, run)
+    finally:
+        report.undo()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not COUNTED or launches["cross_entropy"] == 1  # in the compiled run
 
 
 def test_changing_sequence_lengths_compile_at_most_twice():

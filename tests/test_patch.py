@@ -208,5 +208,5 @@ def test_a_patched_llamas_training_step_holds_a_fraction_of_the_memory():
     report.undo()
     unpatched, fused = traces
     assert fused.saved * 8 <= unpatched.saved  # 27 MiB against 277
-    assert fused.peak * 4 <= unpatched.peak  # 156 MiB against 769, 64 MiB of it the loss's one chunk
+    assert fused.peak * 8 <= unpatched.peak  # 90 MiB against 769 (the step without its loss: 20)
     torch.testing.assert_close(losses[1], losses[0])

@@ -23,7 +23,9 @@ from engine import backend
 from engine.errors import InvalidArgument, InvalidDtype
 
 REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_CHUNK_MEMORY = 64 << 20  # bytes of logits one chunk may hold
+# By default a chunk holds an eighth of all the logits, within [8 MiB, 64 MiB]: small losses stay
+# one launch, large ones never hold more than 64 MiB
+MIN_CHUNK_MEMORY, MAX_CHUNK_MEMORY, CHUNK_SHARE = 8 << 20, 64 << 20, 8
 
 
 def _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_memory) -> None:
@@ -55,7 +57,7 @@ def _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, sof
         raise InvalidArgument(f"{op}: z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not softcap > 0:
         raise InvalidArgument(f"{op}: softcap must be None or > 0, got {softcap}")
-    if not isinstance(chunk_memory, int) or chunk_memory <= 0:
+    if chunk_memory is not None and (not isinstance(chunk_memory, int) or chunk_memory <= 0):
         raise InvalidArgument(f"{op}: chunk_memory must be a positive number of bytes, got {chunk_memory!r}")
 
 
@@ -105,7 +107,10 @@ def _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory, *,
     """Per-row losses (N,) fp32, and with ``grads`` (dhidden (N, H), dweight fp32, dbias fp32 or
     None), ``scale`` (a (1,) or (N,) fp32 tensor) scaling each row's gradient."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    chunk = max(1, min(rows, chunk_memory // (vocab * hidden.element_size())))
+    row_bytes = vocab * hidden.element_size()
+    if chunk_memory is None:
+        chunk_memory = min(MAX_CHUNK_MEMORY, max(MIN_CHUNK_MEMORY, rows * row_bytes // CHUNK_SHARE))
+    chunk = max(1, min(rows, chunk_memory // row_bytes))
     loss = hidden.new_empty(rows, dtype=torch.float32)
     dhidden = torch.empty_like(hidden) if grads else None
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
@@ -196,12 +201,12 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    chunk_memory: int = DEFAULT_CHUNK_MEMORY,
+    chunk_memory: int | None = None,
     loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` for hidden (*, H), weight
     (V, H), target (*) class indices, never holding more than ``chunk_memory`` bytes of logits
-    (at least one row's) at a time. Returns the loss in ``loss_dtype`` (default: hidden's, as
+    (at least one row's) at a time; by default an eighth of all the logits, within 8 to 64 MiB. Returns the loss in ``loss_dtype`` (default: hidden's, as
     torch's; the sums are fp32 either way): a scalar, or (*) for reduction "none" (0 where
     target is ``ignore_index``). A mean over no counted rows is NaN, as
     torch's. A target outside [0, V) raises IndexError on CPU and gives NaN on a GPU (where

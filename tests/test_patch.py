@@ -119,13 +119,20 @@ def test_hugging_face_models_run_on_the_kernels_with_unchanged_numbers(family):
     assert all(not isinstance(m, engine.nn.GatedMLP) for m in model.modules())
 
 
-def _gemma2():
-    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0))
+SMALL = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+CAUSAL_LMS = {
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SMALL, head_dim=16)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL)),
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**SMALL, head_dim=16)),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **SMALL, head_dim=16, final_logit_softcapping=5.0)),
+}
 
 
-@pytest.mark.parametrize("family, steps", [("gpt2", 5), ("llama", 30), ("gemma2", 10)])
+@pytest.mark.parametrize("family, steps", [("gpt2", 5), ("llama", 30), ("qwen2", 10), ("qwen3", 10), ("mistral", 10),
+                                           ("gemma", 10), ("gemma2", 10)])
 def test_a_patched_model_trains_like_the_original(family, steps):
     """SGD steps from the same weights give the same loss curve and final weights patched (norms,
     attention, gated MLP, rotary and the fused linear cross-entropy, the kernels forced) and
@@ -134,7 +141,7 @@ def test_a_patched_model_trains_like_the_original(family, steps):
     within 1e-5 of each other.)"""
     torch.manual_seed(0)
     models = _hf_models()
-    make = _gemma2 if family == "gemma2" else models[family][0]
+    make = CAUSAL_LMS[family] if family in CAUSAL_LMS else models[family][0]
     ids = models["llama"][1]["input_ids"]
     labels = ids.clone()
     labels[0, :5] = -100  # a prompt that is not trained on
@@ -154,7 +161,8 @@ def test_a_patched_model_trains_like_the_original(family, steps):
     original = make()
     patched = copy.deepcopy(original)
     report = engine.patch(patched)
-    assert report.fused_loss
+    assert report.fused_loss and report.rotary != [] or family == "gpt2"
+    assert report.counts()[f"{type(original).__name__.removesuffix('ForCausalLM')}MLP"] == 2 or family == "gpt2"
     expected, logits = train(original)
     with engine.use_backend("triton"), triton_launches() as launches:
         got, no_logits = train(patched)

@@ -61,9 +61,10 @@ def _rotary_kernel(
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool, inverse: bool = False,
-           validate: bool = True) -> torch.Tensor:
+           out: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
     """x (B, H, S, D) rotated by cos, sin (B or 1, S, R), R even and <= D; ``inverse`` applies the
-    transposed rotation (the backward). Returns a new contiguous tensor like x."""
+    transposed rotation (the backward). Returns ``out``, by default a new contiguous tensor like
+    x; ``out=x`` rotates in place (each program reads its rows whole before writing them)."""
     if validate:
         if x.dim() != 4 or x.stride(-1) != 1:
             raise ValueError(f"rotary: x must be 4-D (B, H, S, D) with unit last stride, got {tuple(x.shape)}")
@@ -78,8 +79,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved
         if cos.stride() != sin.stride():
             raise ValueError("rotary: cos and sin must share their strides")
         check_same_device("rotary", x=x, cos=cos, sin=sin)
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1):
+            raise ValueError(f"rotary: out must be like x with unit last stride, got {out.dtype} {tuple(out.shape)}")
     batch, heads, seqlen, head_dim = x.shape
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel():
         block_d = next_power_of_2(head_dim)
         block_s = max(1, min(64, 4096 // block_d))

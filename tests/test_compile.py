@@ -121,6 +121,7 @@ def test_glu_and_rotary_ops_pass_opcheck():
     cos, sin = torch.rand(2, 7, 32, device=DEVICE), torch.rand(2, 7, 32, device=DEVICE)
     for interleaved in (False, True):
         torch.library.opcheck(library.rotary.op, (x, cos, sin, interleaved, False))
+        torch.library.opcheck(library.rotary_.op, (x.detach().clone(), cos, sin, interleaved))
 
 
 def test_linear_cross_entropy_compiles_whole():

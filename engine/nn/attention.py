@@ -137,7 +137,7 @@ class SelfAttention(torch.nn.Module):
         qkv = self.qkv_proj(x).view(batch, seqlen, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # (B, H*, S, D)
         if rotary is not None:
-            q, k = ops.apply_rotary(q, k, *rotary)
+            q, k = ops.apply_rotary(q, k, *rotary, inplace=True)  # in qkv itself when nothing differentiates
         dropout_p = self.dropout if self.training else 0.0
         if _recorded is not None:
             keys = k if cache is None else torch.cat([cache.keys[layer][:, :, :cache.length], k], dim=2)

@@ -1,5 +1,6 @@
 """The engine's kernels as torch.library operators: ``torch.ops.engine.norm_fwd``, ``norm_bwd``,
-``attention_fwd``, ``attention_bwd``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd`` and ``rotary``, with
+``attention_fwd``, ``attention_bwd``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and
+``rotary_``, with
 shape (fake) functions and autograd formulas, so that
 torch.compile traces a model through them without a graph break.
 
@@ -160,6 +161,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     """x (B, H, S, D) with rotary embeddings (the transposed rotation when ``inverse``): see
     engine.kernels.rotary."""
     return kernels.rotary.rotary(x, cos, sin, interleaved=interleaved, inverse=inverse, validate=validate)
+
+
+@_kernel_op("rotary_", mutates=("x",))
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, *, validate: bool = True) -> None:
+    """``rotary`` written over x itself (no autograd: for tensors nothing will differentiate)."""
+    kernels.rotary.rotary(x, cos, sin, interleaved=interleaved, out=x, validate=validate)
 
 
 # The backward formulas (kernels, or the eager reference under create_graph) beside each op's front end.

@@ -67,12 +67,14 @@ def _refusal(kernels, q, k, cos, sin) -> str | None:
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 positions: torch.Tensor | None = None, *, interleaved: bool = False
+                 positions: torch.Tensor | None = None, *, interleaved: bool = False, inplace: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) with rotary embeddings: q (B, Hq, S, D), k (B, Hkv, S, D); cos and sin (S, R),
     (B, S, R) or (B, 1, S, R) per position (one value per rotated dim, Hugging Face's layout), or
     tables (P, R) read at ``positions`` ((S,) or (B, S)). The first R dims rotate, the rest pass
-    through. fp32 arithmetic, one rounding; new tensors (the inputs are not written)."""
+    through. fp32 arithmetic, one rounding. New tensors, or with ``inplace`` q and k themselves
+    rotated where that is allowed: on the kernel path, unit last strides, and no autograd
+    recording (grad mode off, or neither requires grad); otherwise new tensors still."""
     op = "apply_rotary"
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
@@ -90,6 +92,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         return rotary_reference(q, cos, sin, interleaved), rotary_reference(k, cos, sin, interleaved)
     import engine.ops.library as library
 
+    recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if inplace and not recorded and q.stride(-1) == 1 and k.stride(-1) == 1:
+        library.rotary_(q, cos, sin, interleaved)
+        library.rotary_(k, cos, sin, interleaved)
+        return q, k
     unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
     return library.rotary(unit(q), cos, sin, interleaved, False), library.rotary(unit(k), cos, sin, interleaved, False)
 

@@ -9,7 +9,7 @@ import torch
 
 from engine.nn import RotaryEmbedding
 from engine.ops import apply_rotary, rotary_reference
-from engine.testing import check_against_torch, kernel_device, triton_launches
+from engine.testing import check_against_torch, kernel_device, track_memory, triton_launches
 
 DEVICE = kernel_device()
 
@@ -103,3 +103,20 @@ def test_bad_input_is_named(bad):
         arguments["cos"] = arguments["sin"] = torch.ones(1, 5, 16)
     with pytest.raises(ValueError):
         apply_rotary(**arguments)
+
+
+def test_in_place_where_nothing_differentiates():
+    q, k = _qk(2, 4, 2, 13, 32, torch.float32)
+    cos, sin = _tables(2, 13, 32)
+    expected = rotary_reference(q, cos, sin), rotary_reference(k, cos, sin)
+    pointers = q.data_ptr(), k.data_ptr()
+    with triton_launches() as launches, track_memory() as trace:
+        got = apply_rotary(q, k, cos, sin, inplace=True)
+    assert (got[0].data_ptr(), got[1].data_ptr()) == pointers and got[0] is q and launches["rotary"] == 2
+    assert trace.peak == 0  # nothing allocated
+    torch.testing.assert_close(q, expected[0])
+    torch.testing.assert_close(k, expected[1])
+    leaf = q.clone().requires_grad_()  # autograd records: a new tensor, the input untouched
+    with triton_launches():
+        rotated, _ = apply_rotary(leaf, k.clone(), cos, sin, inplace=True)
+    assert rotated is not leaf and torch.equal(leaf.detach(), q)

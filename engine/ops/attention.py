@@ -133,6 +133,8 @@ def _kernel_refusal(kernels: ModuleType, q: torch.Tensor, k: torch.Tensor, v: to
             return f"{name} is a {type(t).__name__}, a tensor subclass whose memory the kernel cannot read"
     if q.dtype not in attention.ATTENTION_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    if q.dtype == torch.bfloat16 and kernels.INTERPRETED:
+        return "bfloat16 under Triton's interpreter, whose bf16 tl.dot gives wrong numbers (bf16 runs on a GPU)"
     if v.shape[-1] != q.shape[-1]:
         return f"value head dim {v.shape[-1]} differs from the query's {q.shape[-1]}"
     if not attention.MIN_HEAD_DIM <= q.shape[-1] <= attention.MAX_HEAD_DIM:

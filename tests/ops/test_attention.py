@@ -440,6 +440,17 @@ def test_head_dim_over_256_is_refused_by_the_kernel(kernel_device):
         assert flash_attention(q, k, v).shape == q.shape
 
 
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="the interpreter's limit: a GPU runs bf16")
+def test_bf16_is_refused_under_the_interpreter_never_computed_wrong():
+    """The interpreter's bf16 tl.dot gives garbage (8e8 for unit-scale inputs): forced, the kernel
+    refuses; by default PyTorch's path answers."""
+    q, k, v = attention_inputs((1, 2, 2, 16, 16, 32), torch.bfloat16)
+    with triton_launches(), pytest.raises(ValueError, match="bfloat16 under Triton's interpreter"):
+        flash_attention(q, k, v)
+    expected = attention_reference(q, k, v)[0]
+    torch.testing.assert_close(flash_attention(q, k, v), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_fp32_products_are_ieee_unless_tf32_is_allowed():
     from engine.kernels.attention.common import dot_precision as _dot_precision
 

@@ -117,11 +117,17 @@ def _settings_help(config) -> str:
 
 
 def _eager(config, args):
-    """--eager / --backend: the same run on plain PyTorch (or another engine backend)."""
+    """--eager / --backend: the same run on plain PyTorch (or another engine backend), by default
+    into its own folder (``<out_dir>-<backend>``) so that it never resumes the engine's run."""
     import dataclasses
 
     backend = "torch" if args.eager else args.backend
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, backend=backend)) if backend else config
+    if not backend:
+        return config
+    out_dir = config.train.out_dir
+    if out_dir == type(config)().train.out_dir:  # the recipe's default: not chosen by the user
+        out_dir = f"{out_dir}-{backend}"
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, backend=backend, out_dir=out_dir))
 
 
 def _pretrain(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from engine import data, lora, metrics
 from engine.models import GPT, GPTConfig, load_hf_bert, save_pretrained
 from engine.train import TrainConfig, count_parameters, distributed, init_distributed, train
+from engine.errors import InvalidArgument
 from engine.settings import check_types, require_positive
 
 STRATEGIES = ("full", "frozen", "head", "lora")
@@ -50,6 +52,8 @@ def _stack(items):
 
 def pretrain(config: PretrainConfig) -> dict:
     """Train a GPT on the corpus; returns the metrics records, the model and the tokenizer."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process records the recipe
+        claim_run_folder("pretrain", config)
     text = data.shakespeare_text() if config.corpus == "shakespeare" else Path(config.corpus).read_text()
     tokenizer = data.bpe_tokenizer(text, config.vocab_size)
     ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
@@ -85,8 +89,35 @@ def pretrain(config: PretrainConfig) -> dict:
     return {"records": records, "model": model, "tokenizer": tokenizer}
 
 
+# Settings that do not change what a run folder's run is: its train settings (the loop checks
+# which of those a resume may change) and how much of the held-out data is evaluated.
+_NOT_THE_RUN = ("train", "eval_blocks", "eval_examples")
+
+
 def _save_recipe(out: Path, kind: str, config) -> None:
-    (out / "recipe.json").write_text(json.dumps({"recipe": kind, "config": dataclasses.asdict(config)}, indent=2))
+    """Write ``recipe.json`` (the recipe and its whole config) atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".recipe.json.tmp"
+    tmp.write_text(json.dumps({"recipe": kind, "config": dataclasses.asdict(config)}, indent=2))
+    tmp.replace(out / "recipe.json")
+
+
+def claim_run_folder(kind: str, config) -> None:
+    """Record the recipe in ``config.train.out_dir`` before a run starts, or refuse a folder that
+    holds another recipe's run (another model, corpus, checkpoint, dataset, strategy, shapes, ...):
+    resuming it would mix the two runs. The message names the differences."""
+    out = Path(config.train.out_dir)
+    path = out / "recipe.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        old = {"recipe": saved["recipe"], **{k: v for k, v in saved["config"].items() if k not in _NOT_THE_RUN}}
+        new = {"recipe": kind, **{k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_THE_RUN}}
+        changed = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key)]
+        if changed:
+            raise InvalidArgument(f"{kind}: {out} holds another run ({', '.join(changed)}); resuming it would mix the "
+                                  f"two: give this run its own folder, train.out_dir=...")
+    _save_recipe(out, kind, config)
 
 
 def _pretrain_held_out(config: PretrainConfig, tokenizer) -> data.TokenBlocks:
@@ -187,6 +218,7 @@ def finetune(config: FinetuneConfig) -> dict:
     trainable / total parameter counts."""
     from tokenizers import Tokenizer
 
+    claim_run_folder("finetune", config)
     folder = _bert_folder(config.checkpoint)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_truncation(config.max_length)

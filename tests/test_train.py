@@ -411,3 +411,33 @@ def test_a_nonfinite_step_stops_the_run_before_a_later_evaluation(tmp_path):
     assert not evaluated
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] and records[0]["stopped"]
+
+
+def test_a_run_folder_of_another_recipe_is_refused_naming_the_differences(tmp_path):
+    """The README's variants into one folder: a LoRA or another dataset never resumes the full run."""
+    from engine.errors import InvalidArgument
+    from engine.recipes import FinetuneConfig, PretrainConfig, claim_run_folder
+
+    out = str(tmp_path / "run")
+    full = FinetuneConfig(train=TrainConfig(out_dir=out))
+    claim_run_folder("finetune", full)
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["config"]["strategy"] == "full"
+    claim_run_folder("finetune", FinetuneConfig(eval_examples=10, train=TrainConfig(out_dir=out, lr=1.0)))  # same run
+    with pytest.raises(InvalidArgument, match=r"holds another run \(strategy 'full' -> 'lora'\).*train.out_dir"):
+        claim_run_folder("finetune", FinetuneConfig(strategy="lora", train=TrainConfig(out_dir=out)))
+    with pytest.raises(InvalidArgument, match="dataset 'imdb' -> 'rotten_tomatoes'"):
+        claim_run_folder("finetune", FinetuneConfig(dataset="rotten_tomatoes", train=TrainConfig(out_dir=out)))
+    with pytest.raises(InvalidArgument, match="recipe 'finetune' -> 'pretrain'"):
+        claim_run_folder("pretrain", PretrainConfig(train=TrainConfig(out_dir=out)))
+
+
+def test_eager_runs_get_their_own_folder_by_default():
+    import argparse
+
+    from engine.cli import _eager
+    from engine.recipes import PretrainConfig
+
+    eager = argparse.Namespace(eager=True, backend=None)
+    assert _eager(PretrainConfig(), eager).train.out_dir == "runs/pretrain-torch"
+    chosen = PretrainConfig(train=TrainConfig(out_dir="mine"))
+    assert _eager(chosen, eager).train.out_dir == "mine" and _eager(chosen, eager).train.backend == "torch"

@@ -249,7 +249,8 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
     if latest is not None:
         state = checkpoints.load(latest, unwrap(model), optimizer, scheduler, scaler, stream, device)
         start = state["step"]
-        _say(rank, f"resuming from {latest.name} in {out_dir}" + (": the run is complete" if start == config.steps else ""))
+        _say(rank, f"resuming {out_dir} from step {start} of {config.steps}"
+             + (": the run is complete" if start == config.steps else ""))
         _check_resume(config, state.get("config"), start, out_dir, rank)
         _apply_lr(scheduler, config.lr)  # the same lr when unchanged: a no-op
     log = MetricsLog(out_dir / "metrics.jsonl", keep_until=start) if rank == 0 else None

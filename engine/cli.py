@@ -6,6 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.errors import InvalidArgument
+
+# What a user's mistake raises: a bad setting or argument (ValueError, TypeError, the engine's
+# InvalidArgument) or a missing file. Printed as one line with exit code 2; --debug re-raises.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
 
 def _bench(args: argparse.Namespace) -> int:
     from engine.benchmarks import report
@@ -172,6 +178,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_recipe(folder) -> str:
+    """The recipe that wrote run folder ``folder``; FileNotFoundError naming what is missing."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "recipe.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} holds no run (no recipe.json): give --run the train.out_dir of a pretrain "
+                                "or finetune run")
+    return json.loads(path.read_text())["recipe"]
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -181,6 +199,10 @@ def _generate(args: argparse.Namespace) -> int:
     from engine.models import load_pretrained
 
     folder = Path(args.run)
+    recipe = _run_recipe(folder)
+    if recipe != "pretrain":
+        raise InvalidArgument(f"{folder} is a {recipe} run (a classifier), not a language model: "
+                              f"evaluate --run {folder} or attention-map --run {folder} fit it")
     model = load_pretrained(folder / "model").eval()
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = torch.tensor([tokenizer.encode(args.prompt).ids])
@@ -221,6 +243,7 @@ def _with_settings(parser: argparse.ArgumentParser, config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     verbs = parser.add_subparsers(dest="verb", required=True)
     bench = verbs.add_parser("bench", help="benchmark the engine against eager PyTorch and torch.compile")
     bench.add_argument("--size", choices=["small", "gpu"], help="size set (default: small on CPU, gpu on CUDA)")
@@ -272,4 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     attention_map.add_argument("--out", default="attention-maps", help="output folder (default: %(default)s)")
     attention_map.set_defaults(command=_attention_map)
     args = parser.parse_args(argv)
-    return args.command(args)
+    try:
+        return args.command(args)
+    except USER_ERRORS as error:  # a setting, an argument or a file: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"python -m engine {args.verb}: {error}\n(--debug shows where)", file=sys.stderr)
+        return 2

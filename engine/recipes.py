@@ -80,7 +80,7 @@ def pretrain(config: PretrainConfig) -> dict:
               f"({len(train_blocks)} blocks of {config.block_size}), vocabulary {tokenizer.get_vocab_size()}, "
               f"{world} process(es)")
     records = train(distributed(model, world), train_blocks, _lm_loss, config.train, collate=_stack,
-                    evaluate=evaluate, rank=rank, world=world)
+                    evaluate=evaluate, rank=rank, world=world, unit="tokens")
     if rank == 0:
         out = Path(config.train.out_dir)
         save_pretrained(model, out / "model")
@@ -254,7 +254,7 @@ def finetune(config: FinetuneConfig) -> dict:
         return {key: report[key] for key in ("eval_loss", "accuracy", "macro_f1")}
 
     records = train(model, train_set, _classification_loss, config.train,
-                    collate=lambda items: data.pad_batch(items, pad_id), evaluate=evaluate)
+                    collate=lambda items: data.pad_batch(items, pad_id), evaluate=evaluate, unit="examples")
     report = evaluate_classifier(model, eval_set, pad_id=pad_id, device=device)
     out = Path(config.train.out_dir)
     tokenizer.save(str(out / "tokenizer.json"))  # the run folder is self-contained (attention-map, evaluate)

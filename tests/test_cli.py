@@ -30,3 +30,9 @@ def test_generate_on_a_classifier_run_names_the_verbs_that_fit(tmp_path, capsys)
 def test_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="has no value"):
         main(["--debug", "pretrain", "train.steps"])
+
+
+def test_progress_rates_keep_three_significant_digits():
+    from engine.train.loop import _rate
+
+    assert [_rate(x) for x in (12345.6, 123.4, 12.34, 1.234, 0.01234)] == ["12,346", "123", "12.3", "1.23", "0.0123"]

@@ -206,10 +206,12 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     rank: int = 0,
     world: int = 1,
+    unit: str = "items",
 ) -> list[dict]:
     """Train ``model`` for ``config.steps`` optimiser steps and return the metrics records.
 
-    ``loss_fn(model, batch)`` returns (mean loss, number of tokens or examples it covers).
+    ``loss_fn(model, batch)`` returns (mean loss, number of tokens or examples it covers), which
+    the progress line gives per second as ``unit`` ("tokens", "examples").
     ``evaluate(model)`` returns a dict with ``eval_loss`` and any metrics. With ``world > 1`` the
     model is expected to be wrapped in DistributedDataParallel (``distributed``); each rank draws
     its share of every global batch of ``batch_size * world`` examples, the logged loss is the
@@ -223,10 +225,15 @@ def train(
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(out_dir) if rank == 0 else contextlib.nullcontext():
-        return _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, device, out_dir)
+        return _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, device, out_dir, unit)
 
 
-def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, device, out_dir) -> list[dict]:
+def _rate(per_second: float) -> str:
+    """A rate with three significant digits or more: 12,345 / 123 / 12.3 / 1.23."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
+def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, device, out_dir, unit) -> list[dict]:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -311,7 +318,7 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                         record["skipped_steps"] = skipped
                     log.write(record)
                     print(f"{_bar(done, config.steps)} step {done}/{config.steps}  loss {record['loss']:.4f}  "
-                          f"lr {record['lr']:.2e}  {record['items_per_s']:.0f} items/s"
+                          f"lr {record['lr']:.2e}  {_rate(record['items_per_s'])} {unit}/s"
                           + (f"  ({skipped} non-finite step(s) skipped)" if skipped else ""), file=sys.stderr,
                           flush=True)
                 if logging:

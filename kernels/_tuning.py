@@ -105,7 +105,7 @@ def _time(run: Callable[[], None]) -> float:
     return triton.testing.do_bench(run, warmup=5, rep=20)
 
 
-def _tune(name: str, kernel, configs: Sequence[dict], grid, args, meta, timed: bool) -> int | None:
+def _tune(kernel, configs: Sequence[dict], grid, args, meta, timed: bool) -> int | None:
     """The index of the fastest configuration that fits (the first that fits when not ``timed``);
     None when none fits. Every run writes the launch's outputs."""
     times = {}
@@ -147,14 +147,14 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
         if timed and _saved().get(entry) in configs:
             start = configs.index(_saved()[entry])
         else:
-            start = _tune(name, kernel, configs, grid, args, meta, timed)
+            start = _tune(kernel, configs, grid, args, meta, timed)
             if start is None:
                 start = len(configs) - 1  # the error is raised below, naming the launch
             elif timed:
                 _save(entry, configs[start])
-        for tensor in reset:
-            if tensor is not None:
-                tensor.zero_()
+            for tensor in reset:  # what the tuning runs added to
+                if tensor is not None:
+                    tensor.zero_()
     for index in range(start, len(configs)):
         try:
             launch(name, kernel, grid(configs[index]), *args, **meta, **configs[index])
@@ -162,7 +162,7 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
             if index == len(configs) - 1:
                 raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error
             continue
-        if chosen is None or index != start:
+        if key is not None and (chosen is None or index != start):
             CHOSEN[key] = (index, configs)
         LAST_CONFIG[name] = configs[index]
         return

@@ -103,48 +103,53 @@ def _rows(path: str):
     return rows
 
 
-def _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory, *, grads: bool):
-    """Per-row losses (N,) fp32, and with ``grads`` (dhidden (N, H), dweight fp32, dbias fp32 or
-    None), ``scale`` (a (1,) or (N,) fp32 tensor) scaling each row's gradient."""
+def _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory, *, grads: tuple[bool, bool, bool]):
+    """Per-row losses (N,) fp32, and the gradients ``grads`` asks for, of (hidden, weight, bias):
+    (dhidden (N, H), dweight fp32, dbias fp32), None where not asked, ``scale`` (a (1,) or (N,)
+    fp32 tensor) scaling each row's gradient."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     row_bytes = vocab * hidden.element_size()
     if chunk_memory is None:
         chunk_memory = min(MAX_CHUNK_MEMORY, max(MIN_CHUNK_MEMORY, rows * row_bytes // CHUNK_SHARE))
     chunk = max(1, min(rows, chunk_memory // row_bytes))
+    need_hidden, need_weight, need_bias = grads
     loss = hidden.new_empty(rows, dtype=torch.float32)
-    dhidden = torch.empty_like(hidden) if grads else None
-    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
-    dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grads and bias is not None else None
+    dhidden = torch.empty_like(hidden) if need_hidden else None
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
     rows_op = _rows(path)
     for start in range(0, rows, chunk):
         h = hidden[start:start + chunk]  # (C, H)
         logits = F.linear(h, weight, bias)  # (C, V), in hidden's dtype
-        row_scale = None if not grads else scale if scale.numel() == 1 else scale[start:start + chunk]
+        row_scale = None if not any(grads) else scale if scale.numel() == 1 else scale[start:start + chunk]
         loss[start:start + chunk], _ = rows_op(logits, target[start:start + chunk], row_scale, **options)
-        if grads:  # the logits now hold the gradient
+        # with a scale the logits now hold the gradient
+        if dhidden is not None:
             torch.mm(logits, weight, out=dhidden[start:start + chunk])
+        if dweight is not None:
             if dweight.dtype == logits.dtype:
                 dweight.addmm_(logits.t(), h)
             else:
                 dweight += torch.mm(logits.t(), h)
-            if dbias is not None:
-                dbias += logits.sum(0, dtype=torch.float32)
+        if dbias is not None:
+            dbias += logits.sum(0, dtype=torch.float32)
     return loss, dhidden, dweight, dbias
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, reduction, options, path, chunk_memory, loss_dtype):
-        counted = (target != options["ignore_index"]).sum()
-        needs = ctx.needs_input_grad
-        early = reduction != "none" and (needs[0] or needs[1] or needs[2])  # gradients in this pass
+        counted = (target != options["ignore_index"]).sum() if reduction == "mean" else None
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.needs = needs
+        early = reduction != "none" and any(needs)  # gradients in this pass
         scale = None
         if early:
             scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
             if reduction == "mean":
                 scale = scale / counted
         loss, dhidden, dweight, dbias = _chunks(hidden, weight, bias, target, scale, options, path, chunk_memory,
-                                                grads=early)
+                                                grads=needs if early else (False, False, False))
         ctx.reduction, ctx.options, ctx.path, ctx.chunk_memory = reduction, options, path, chunk_memory
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if early:
@@ -161,16 +166,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             _, dhidden, dweight, dbias = _chunks(hidden, weight, bias, target, grad.float(), ctx.options, ctx.path,
-                                                 ctx.chunk_memory, grads=True)
+                                                 ctx.chunk_memory, grads=ctx.needs)
         else:
             dhidden, dweight, dbias = ctx.saved_tensors
             grad = grad.float()
-            dhidden = dhidden * grad.to(dhidden.dtype)
-            dweight = dweight * grad
+            dhidden = None if dhidden is None else dhidden * grad.to(dhidden.dtype)
+            dweight = None if dweight is None else dweight * grad
             dbias = None if dbias is None else dbias * grad
         weight_dtype, bias_dtype = ctx.dtypes
-        return (dhidden, dweight.to(weight_dtype), None if dbias is None else dbias.to(bias_dtype),
-                None, None, None, None, None, None)
+        return (dhidden, None if dweight is None else dweight.to(weight_dtype),
+                None if dbias is None else dbias.to(bias_dtype), None, None, None, None, None, None)
 
 
 def _check_bounds(target: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -190,3 +190,17 @@ def test_reads_nothing_back_from_the_device():
     with triton_launches(), count_host_reads() as reads:
         linear_cross_entropy(h, weight, target, bias, chunk_memory=4 * 300 * 4).backward()
     assert not reads
+
+
+def test_only_the_gradients_asked_for_are_made():
+    """A frozen input (here the hidden states) costs neither its matmul nor its memory."""
+    from engine.testing import track_memory
+
+    hidden, weight, _, target = _inputs(12, 16, 300, torch.float32, bias=False)
+    w = weight.clone().requires_grad_()
+    with triton_launches(), track_memory() as trace:
+        linear_cross_entropy(hidden, w, target).backward()
+    assert trace.saved == 300 * 16 * 4  # dweight alone, no dhidden
+    w0 = weight.clone().requires_grad_()
+    _reference(hidden, w0, None, target).backward()
+    torch.testing.assert_close(w.grad, w0.grad)

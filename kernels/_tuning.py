@@ -105,13 +105,13 @@ def _time(run: Callable[[], None]) -> float:
     return triton.testing.do_bench(run, warmup=5, rep=20)
 
 
-def _tune(kernel, configs: Sequence[dict], grid, args, meta, timed: bool) -> int | None:
+def _tune(kernel, configs: Sequence[dict], grid, args, meta, config_args, timed: bool) -> int | None:
     """The index of the fastest configuration that fits (the first that fits when not ``timed``);
     None when none fits. Every run writes the launch's outputs."""
     times = {}
     with _launch.on_device_of(args[0]):
         for index, config in enumerate(configs):
-            run = functools.partial(kernel[grid(config)], *args, **meta, **config)
+            run = functools.partial(kernel[grid(config)], *args, **meta, **config, **(config_args(config) if config_args else {}))
             try:
                 run()  # compiles and loads it: a configuration too big for shared memory stops here
             except OutOfResources:
@@ -121,9 +121,11 @@ def _tune(kernel, configs: Sequence[dict], grid, args, meta, timed: bool) -> int
 
 
 def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dict], tuple[int, ...]], *args,
-                 sizes: tuple[int, ...] = (), reset: Sequence[torch.Tensor | None] = (), **meta) -> None:
+                 sizes: tuple[int, ...] = (), reset: Sequence[torch.Tensor | None] = (),
+                 config_args: Callable[[dict], dict] | None = None, **meta) -> None:
     """Launch ``kernel`` with the configuration chosen for this key from ``configs`` (the
-    launchers build each list once; largest tiles first) on ``grid(config)``.
+    launchers build each list once; largest tiles first) on ``grid(config)``, adding the keyword
+    arguments ``config_args(config)`` if given (built per configuration: tensor descriptors).
 
     ``sizes`` (sequence lengths, widths) are bucketed into the key; ``reset`` are tensors the
     kernel accumulates into (atomics): zeroed after timing, before the launch whose result counts.
@@ -138,7 +140,7 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
         key, chosen = None, None
     if type(first) not in _PLAIN and is_fake(first):  # traced (or shapes only): recorded, not compiled, here
         config = configs[chosen[0] if chosen else 0]
-        launch(name, kernel, grid(config), *args, **meta, **config)
+        launch(name, kernel, grid(config), *args, **meta, **config, **(config_args(config) if config_args else {}))
         return
     start = 0 if chosen is None else chosen[0]
     if chosen is None and len(configs) > 1 and (_compile_every or _timing_applies(first)):
@@ -147,7 +149,7 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
         if timed and _saved().get(entry) in configs:
             start = configs.index(_saved()[entry])
         else:
-            start = _tune(kernel, configs, grid, args, meta, timed)
+            start = _tune(kernel, configs, grid, args, meta, config_args, timed)
             if start is None:
                 start = len(configs) - 1  # the error is raised below, naming the launch
             elif timed:
@@ -157,7 +159,8 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
                     tensor.zero_()
     for index in range(start, len(configs)):
         try:
-            launch(name, kernel, grid(configs[index]), *args, **meta, **configs[index])
+            config = configs[index]
+            launch(name, kernel, grid(config), *args, **meta, **config, **(config_args(config) if config_args else {}))
         except OutOfResources as error:
             if index == len(configs) - 1:
                 raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error

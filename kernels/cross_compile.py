@@ -44,7 +44,8 @@ GPUS = {80: "A100", 86: "RTX 30xx, A10, A40", 87: "Jetson Orin", 89: "RTX 40xx, 
 @dataclass
 class Program:
     """One compiled program: ``fits`` False when it needed more shared memory than the GPU has
-    (that GPU never loads it). ``stack`` is bytes per thread (spilled registers)."""
+    (that GPU never loads it). ``stack`` is bytes per thread (spilled registers). ``tma``: it
+    reads through tensor descriptors."""
 
     kernel: str
     tile: dict[str, int]
@@ -52,6 +53,7 @@ class Program:
     num_stages: int
     shared: int
     fits: bool
+    tma: bool = False
     registers: int | None = None
     stack: int | None = None
 
@@ -114,7 +116,7 @@ class VirtualGPU:
         self.programs.append(Program(
             kernel=src.fn.__name__, tile={k: v for k, v in constants.items() if k.startswith("BLOCK_")},
             num_warps=metadata.num_warps, num_stages=metadata.num_stages, shared=metadata.shared,
-            fits=metadata.shared <= SHARED_MEMORY[self.arch],
+            fits=metadata.shared <= SHARED_MEMORY[self.arch], tma=bool(constants.get("TMA")),
         ))
         return _no_launch
 
@@ -253,10 +255,10 @@ def format_report(results: list[CaseResult]) -> str:
         for r in ours:
             lines.append(f"  {r.case}" + (f"  FAILED {r.error}" if r.error else ""))
             for p in r.programs:
-                tile = "x".join(str(v) for v in p.tile.values())
+                tile = "x".join(str(v) for v in p.tile.values()) + (" TMA" if p.tma else "")
                 usage = "-" if p.registers is None else f"{p.registers} regs, {p.stack} B stack"
                 status = "" if p.fits else "  too big: never loaded"
-                lines.append(f"    {p.kernel:<24} tile {tile:<12} warps {p.num_warps} stages {p.num_stages}  "
+                lines.append(f"    {p.kernel:<24} tile {tile:<16} warps {p.num_warps} stages {p.num_stages}  "
                              f"shared {p.shared / 1024:6.1f} KiB  {usage}{status}")
     return "\n".join(lines)
 

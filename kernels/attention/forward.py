@@ -10,8 +10,8 @@ from engine.kernels._launch import cdiv, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
-    LN2, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile, _scores, _sequences,
-    _tile_mask, check, dropout_scale, flags, mask_args, tiles, unit_last_stride,
+    LN2, NO_DESCRIPTORS, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile, _scores, _sequences,
+    _tile_mask, check, dropout_scale, flags, kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride,
 )
 
 _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
@@ -21,36 +21,38 @@ _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
 def _fwd_tile(
     acc, m_i, l_i,  # running (BLOCK_M, BLOCK_D) output, (BLOCK_M,) max (in the scores' units) and sum
     q, k_base, v_base, stride_ks, stride_vs,  # the query tile; this (batch, kv head)'s K and V
+    KDesc, VDesc, batch, kv_head,  # K and V's (B, Hkv, Sk, D) tensor descriptors (TMA), and where this tile is
     start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
     Mask, mask_offset, stride_mm, stride_mn,
     sm_scale, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
     BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Fold key tile [start_n, start_n + BLOCK_N) into the online softmax. An interior tile
     (BOUNDARY False: in range, and below the causal diagonal for every row) needs no bounds or
     causal arithmetic; only an explicit mask is still read."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    k_tokens = (k_start + cols).to(tl.int64)
-    if BOUNDARY:
+    if BOUNDARY or HAS_MASK:
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+                                   causal_offset, IS_CAUSAL and BOUNDARY, HAS_MASK, MASK_IS_BOOL)
+    else:
+        visible, bias = True, 0.0
+    k_tokens = (k_start + cols).to(tl.int64)
+    if TMA:  # padded layout: the descriptors zero-fill keys past Sk and dims past head_dim
+        k = KDesc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = VDesc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif BOUNDARY:
         kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
         k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
         v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+    elif EVEN_D:
+        k = tl.load(k_base + k_tokens[:, None] * stride_ks + dims[None, :])
+        v = tl.load(v_base + k_tokens[:, None] * stride_vs + dims[None, :])
     else:
-        if HAS_MASK:
-            visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                       causal_offset, False, HAS_MASK, MASK_IS_BOOL)
-        else:
-            visible, bias = True, 0.0
-        if EVEN_D:
-            k = tl.load(k_base + k_tokens[:, None] * stride_ks + dims[None, :])
-            v = tl.load(v_base + k_tokens[:, None] * stride_vs + dims[None, :])
-        else:
-            k = _load_tile(k_base, k_tokens, stride_ks, dims, dim_mask[None, :])
-            v = _load_tile(v_base, k_tokens, stride_vs, dims, dim_mask[None, :])
+        k = _load_tile(k_base, k_tokens, stride_ks, dims, dim_mask[None, :])
+        v = _load_tile(v_base, k_tokens, stride_vs, dims, dim_mask[None, :])
     s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -84,10 +86,12 @@ def _attn_fwd_kernel(
     num_heads, group_size,  # query heads, query heads per key/value head
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
+    KDesc, VDesc,  # by keyword: K and V's tensor descriptors, blocks (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim bounds on interior tiles
+    TMA: tl.constexpr,  # K and V read through KDesc and VDesc (padded layout; TMA on sm_90+)
     QUERY_MAJOR: tl.constexpr,  # grid (query blocks, batch * heads), the last (heaviest causal) blocks first
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -126,18 +130,18 @@ def _attn_fwd_kernel(
     processed = 0
     masked = 0
     for start_n in range(start, interior_end, BLOCK_N):  # stage 1: every key visible to every row
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, k_start, rows,
-                                  dims, dim_mask, seqlen_q, seqlen_k, causal_offset, Mask, mask_offset, stride_mm,
-                                  stride_mn, sm_scale, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale,
-                                  False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
-                                  EVEN_D, BLOCK_N)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
+                                  kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
+                                  Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed, pid_bh, q_start,
+                                  max_seqlen_k, dropout_p, dropout_scale, False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
+                                  EVEN_D, TMA, BLOCK_N, BLOCK_D)
         processed += 1
     for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, k_start, rows,
-                                  dims, dim_mask, seqlen_q, seqlen_k, causal_offset, Mask, mask_offset, stride_mm,
-                                  stride_mn, sm_scale, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale,
-                                  True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
-                                  EVEN_D, BLOCK_N)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
+                                  kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
+                                  Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed, pid_bh, q_start,
+                                  max_seqlen_k, dropout_p, dropout_scale, True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
+                                  EVEN_D, TMA, BLOCK_N, BLOCK_D)
         processed += 1
         masked += 1
 
@@ -204,7 +208,8 @@ def attention_forward(
         decode.decode_forward(q, k, v, out, lse, mask, mask_strides, causal, scale, meta["DOT_PRECISION"])
         return out, lse, None
     counter = tile_counter(q.device)
-    tile_list = tiles(layout.head_dim, q.dtype, "forward")
+    tma = tma_applies(layout, k, v)
+    tile_list = tiles(layout.head_dim, q.dtype, "forward", tma)
     heads = layout.batch * layout.heads
     query_major = heads <= _GRID_Y_MAX
     launch_tuned(
@@ -218,6 +223,7 @@ def attention_forward(
         scale, dropout_p, dropout_scale(dropout_p), seed,
         **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
         QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
+        **({"config_args": lambda tile: kv_descriptors(k, v, tile)} if tma else NO_DESCRIPTORS),
     )
     if counter is not None:
         record_tiles("attention_fwd", counter)

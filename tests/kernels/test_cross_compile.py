@@ -68,3 +68,16 @@ def test_report_names_the_gpus(compiled):
     report = compiled[1]
     assert "sm_90 (H100, H200; 227 KiB shared memory per program)" in report
     assert "0 failed" in report and "too big: never loaded" in report
+
+
+def test_the_forward_is_compiled_with_descriptor_loads_only_where_the_gpu_has_tma(compiled):
+    """sm_90 compiles each forward tile twice (tensor descriptors and pointer loads: a GPU times
+    both); sm_86 has no TMA and gets pointer loads only. Packed batches never use descriptors."""
+    forward = {arch: {r["case"]: [p for p in r["programs"] if p["kernel"] == "_attn_fwd_kernel"]
+                      for r in compiled[0] if r["arch"] == arch} for arch in (90, 86)}
+    case = "attention bfloat16 head_dim 128"
+    expected = len(common.gpu_tiles(128, torch.bfloat16, "forward"))
+    assert sum(p["tma"] for p in forward[90][case]) == sum(not p["tma"] for p in forward[90][case]) == expected
+    assert not any(p["tma"] for programs in forward[86].values() for p in programs)
+    assert not any(p["tma"] for p in forward[90]["attention float16 head_dim 64, packed variable lengths"])
+    assert "x128 TMA" in compiled[1]

@@ -3,6 +3,11 @@
 One extension call updates every parameter that shares a device, dtype and step count: the CUDA
 kernel on GPUs, its OpenMP twin on CPUs. When the extension cannot be built, both warn once and
 run PyTorch's own implementation (ENGINE_STRICT=1 makes that an error).
+
+Parameters may be DTensors (FSDP2's ``fully_shard``, tensor parallel plans): the optimizer steps
+each process's local shards, its state stays DTensors like torch's AdamW's (so sharded state
+dicts and ``torch.distributed.checkpoint`` see what they expect), and the clip computes the
+global norm over the shards with one all-reduce.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
 from engine import backend, extension
 from engine.launches import record
@@ -32,25 +39,31 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The shard of a DTensor this process holds (its own storage: writes reach the DTensor), or
+    ``t`` itself. Call under ``torch.no_grad()``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class _Lane:
-    """One parameter as the extension sees it: the parameter and its gradient in one dense layout.
+    """One parameter as the extension sees it: the parameter and its gradient (local tensors) in
+    one dense layout.
 
     A dense parameter (contiguous, channels_last, ...) is stepped in place; a gradient in another
     layout is copied into the parameter's. A parameter that is not dense (a strided view) is
     stepped through a contiguous copy. ``finish`` writes back whatever went through a copy."""
 
-    def __init__(self, param: torch.Tensor):
+    def __init__(self, param: torch.Tensor, grad: torch.Tensor):
         self.param = param if is_dense(param) else param.contiguous()
-        grad = param.grad
         same_layout = grad.shape == self.param.shape and (grad.numel() <= 1 or grad.stride() == self.param.stride())
         self.grad = grad if same_layout else torch.empty_like(self.param).copy_(grad)
-        self._original = param
+        self._original, self._grad = param, grad
 
     def finish(self, grad_written: bool) -> None:
         if self.param is not self._original:
             self._original.copy_(self.param)
-        if grad_written and self.grad is not self._original.grad:
-            self._original.grad.copy_(self.grad)
+        if grad_written and self.grad is not self._grad:
+            self._grad.copy_(self.grad)
 
 
 class FusedAdamW(torch.optim.AdamW):
@@ -110,7 +123,7 @@ class FusedAdamW(torch.optim.AdamW):
             moment = state.get(name)
             if moment is None:
                 state[name] = _moment_like(param)
-            elif moment.dtype != torch.float32 or not _walks_like(moment, param):
+            elif moment.dtype != torch.float32 or not _walks_like(local(moment), local(param)):
                 state[name] = _moment_like(param, moment)  # e.g. loaded from torch's AdamW
         return state
 
@@ -163,12 +176,12 @@ class FusedAdamW(torch.optim.AdamW):
             buckets[param.device, param.dtype].append(param)
         for (device, _), params in buckets.items():
             states = [self._state_of(p, group["amsgrad"]) for p in params]
-            lanes = [_Lane(p) for p in params]
+            lanes = [_Lane(local(p), local(p.grad)) for p in params]
             grad_scale, found_inf = amp.on(device)
+            moments = [[local(s[name]) for s in states] for name in self.MOMENTS[:3 if group["amsgrad"] else 2]]
             torch.ops.engine.adamw_step(
-                [lane.param for lane in lanes], [lane.grad for lane in lanes],
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+                [lane.param for lane in lanes], [lane.grad for lane in lanes], moments[0], moments[1],
+                moments[2] if group["amsgrad"] else [], [s["step"] for s in states],
                 lr, beta1, beta2, group["eps"], 1 - lr * group["weight_decay"], group["maximize"], group["amsgrad"],
                 grad_scale, found_inf,
             )
@@ -210,6 +223,7 @@ class _AmpScalars:
         return self._moved[device]
 
 
+@torch.no_grad()
 def clip_grad_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
     max_norm: float,
@@ -223,7 +237,9 @@ def clip_grad_norm_(
     Norm types 2 and inf run fused (fp32 accumulation, one norm and one scale call per device
     and dtype, no host synchronisation unless ``error_if_nonfinite``) on gradients in any dense
     layout (contiguous, channels_last, ...); other norms, and gradients that are strided views,
-    use torch's.
+    use torch's. DTensor gradients on one 1-D mesh (FSDP2, tensor parallel) are clipped by their
+    global norm: the local shards' norms joined by one all-reduce, replicated gradients counted
+    once; the norm comes back as a replicated DTensor, as torch's does.
     Empty gradients count as zero (torch's inf norm raises on them).
     """
     if isinstance(parameters, torch.Tensor):
@@ -236,18 +252,25 @@ def clip_grad_norm_(
     reason = None if ext is None else extension.cannot_run(ext, {g.device for g in grads})
     if reason is not None:
         backend.warn_fallback("clip_grad_norm_", reason)
-    if ext is None or reason is not None or not all(is_dense(g) for g in grads):
+    mesh = _shard_mesh(grads)
+    if ext is None or reason is not None or mesh is False or not all(is_dense(local(g)) for g in grads):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
-    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # (device, dtype, sharded) -> local gradients
     for g in grads:
-        groups[g.device, g.dtype].append(g)
+        groups[g.device, g.dtype, isinstance(g, DTensor) and g.placements[0].is_shard()].append(local(g))
     inf_norm = norm_type == math.inf
     first_device = grads[0].device
-    norms = []
-    for (device, _), tensors in groups.items():
-        norms.append(torch.ops.engine.multi_tensor_norm(tensors, inf_norm).to(first_device))
+    norms: dict[bool, list[torch.Tensor]] = {False: [], True: []}  # by sharded: each (device, dtype)'s norm
+    for (device, _, sharded), tensors in groups.items():
+        norms[sharded].append(torch.ops.engine.multi_tensor_norm(tensors, inf_norm).to(first_device))
         record(f"grad_norm_{device.type}")
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    combine = lambda found: found[0] if len(found) == 1 else torch.linalg.vector_norm(torch.stack(found), norm_type)  # noqa: E731
+    if mesh is not None:  # the shards' norms over every process, in one all-reduce; replicated ones count once
+        shards = combine(norms[True]) if norms[True] else torch.zeros((), device=first_device)
+        shards = shards.clone() if inf_norm else shards.square()
+        dist.all_reduce(shards, dist.ReduceOp.MAX if inf_norm else dist.ReduceOp.SUM, group=mesh.get_group())
+        norms[False].append(shards if inf_norm else shards.sqrt())
+    total = combine(norms[False] + ([] if mesh is not None else norms[True]))
     if error_if_nonfinite and (total.isnan() or total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
@@ -255,7 +278,22 @@ def clip_grad_norm_(
             "`error_if_nonfinite=False`"
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for (device, _), tensors in groups.items():
+    for (device, _, _), tensors in groups.items():
         torch.ops.engine.multi_tensor_scale_(tensors, coef.to(device))
         record(f"grad_scale_{device.type}")
-    return total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads)))
+    total = total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads)))
+    return total if mesh is None else DTensor.from_local(total, mesh, [Replicate()], run_check=False)
+
+
+def _shard_mesh(grads: list[torch.Tensor]):
+    """The one-dimensional device mesh the DTensor gradients share (None without DTensors; False
+    where the fused clip does not apply: several or 2-D meshes, partial sums, or plain tensors
+    beside DTensors - torch's clip then runs)."""
+    dtensors = [g for g in grads if isinstance(g, DTensor)]
+    if not dtensors:
+        return None
+    mesh = dtensors[0].device_mesh
+    if len(dtensors) != len(grads) or mesh.ndim != 1 or any(
+            g.device_mesh != mesh or g.placements[0].is_partial() for g in dtensors):
+        return False
+    return mesh

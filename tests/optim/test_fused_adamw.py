@@ -341,10 +341,10 @@ def test_channels_last_and_strided_parameters_match_torch_and_stay_in_place(devi
     assert params[0].is_contiguous(memory_format=torch.channels_last)
     for p in params[:3]:  # dense layouts: stepped in place, moments in the parameter's own layout
         p.grad = torch.randn_like(p)
-        assert _Lane(p).param is p
+        assert _Lane(p, p.grad).param is p
         assert ours.state[p]["exp_avg"].stride() == p.stride()
     params[3].grad = torch.randn_like(params[3])
-    assert _Lane(params[3]).param is not params[3]  # the strided view goes through a copy
+    assert _Lane(params[3], params[3].grad).param is not params[3]  # the strided view goes through a copy
 
 
 def test_gradient_in_another_layout_than_its_parameter():

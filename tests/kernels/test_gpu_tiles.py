@@ -34,11 +34,11 @@ def test_every_gpu_tile_matches_the_reference(kernel, block, causal, monkeypatch
     adding dQ by atomics (the default backward), or the deterministic backward's dQ kernel."""
     block_m, block_n, warps, stages = block
 
-    def one_tile(head_dim, dtype, kind):
+    def one_tile(head_dim, dtype, kind, tma=False):
         if kind != kernel:
-            return common.tiles(head_dim, dtype, kind)
+            return common.tiles(head_dim, dtype, kind, tma)
         return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=common.head_block(head_dim), num_warps=warps,
-                     num_stages=stages),)
+                     num_stages=stages) | ({"TMA": tma} if kind == "forward" else {}),)
 
     monkeypatch.setattr(forward if kernel == "forward" else backward, "tiles", one_tile)
     deterministic = kernel == "dq"

@@ -253,23 +253,27 @@ def clip_grad_norm_(
     if reason is not None:
         backend.warn_fallback("clip_grad_norm_", reason)
     mesh = _shard_mesh(grads)
-    if ext is None or reason is not None or mesh is False or not all(is_dense(local(g)) for g in grads):
+    shards = [local(g) for g in grads]
+    if ext is None or reason is not None or mesh is False or not all(is_dense(s) for s in shards):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # (device, dtype, sharded) -> local gradients
-    for g in grads:
-        groups[g.device, g.dtype, isinstance(g, DTensor) and g.placements[0].is_shard()].append(local(g))
+    for g, shard in zip(grads, shards):
+        groups[g.device, g.dtype, isinstance(g, DTensor) and g.placements[0].is_shard()].append(shard)
     inf_norm = norm_type == math.inf
     first_device = grads[0].device
     norms: dict[bool, list[torch.Tensor]] = {False: [], True: []}  # by sharded: each (device, dtype)'s norm
     for (device, _, sharded), tensors in groups.items():
         norms[sharded].append(torch.ops.engine.multi_tensor_norm(tensors, inf_norm).to(first_device))
         record(f"grad_norm_{device.type}")
-    combine = lambda found: found[0] if len(found) == 1 else torch.linalg.vector_norm(torch.stack(found), norm_type)  # noqa: E731
+
+    def combine(found: list[torch.Tensor]) -> torch.Tensor:
+        return found[0] if len(found) == 1 else torch.linalg.vector_norm(torch.stack(found), norm_type)
+
     if mesh is not None:  # the shards' norms over every process, in one all-reduce; replicated ones count once
-        shards = combine(norms[True]) if norms[True] else torch.zeros((), device=first_device)
-        shards = shards.clone() if inf_norm else shards.square()
-        dist.all_reduce(shards, dist.ReduceOp.MAX if inf_norm else dist.ReduceOp.SUM, group=mesh.get_group())
-        norms[False].append(shards if inf_norm else shards.sqrt())
+        sharded = combine(norms[True]) if norms[True] else torch.zeros((), device=first_device)
+        sharded = sharded.clone() if inf_norm else sharded.square()
+        dist.all_reduce(sharded, dist.ReduceOp.MAX if inf_norm else dist.ReduceOp.SUM, group=mesh.get_group())
+        norms[False].append(sharded if inf_norm else sharded.sqrt())
     total = combine(norms[False] + ([] if mesh is not None else norms[True]))
     if error_if_nonfinite and (total.isnan() or total.isinf()):
         raise RuntimeError(

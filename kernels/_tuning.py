@@ -111,7 +111,8 @@ def _tune(kernel, configs: Sequence[dict], grid, args, meta, config_args, timed:
     times = {}
     with _launch.on_device_of(args[0]):
         for index, config in enumerate(configs):
-            run = functools.partial(kernel[grid(config)], *args, **meta, **config, **(config_args(config) if config_args else {}))
+            extra = config_args(config) if config_args else {}
+            run = functools.partial(kernel[grid(config)], *args, **meta, **config, **extra)
             try:
                 run()  # compiles and loads it: a configuration too big for shared memory stops here
             except OutOfResources:
@@ -140,7 +141,8 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
         key, chosen = None, None
     if type(first) not in _PLAIN and is_fake(first):  # traced (or shapes only): recorded, not compiled, here
         config = configs[chosen[0] if chosen else 0]
-        launch(name, kernel, grid(config), *args, **meta, **config, **(config_args(config) if config_args else {}))
+        extra = config_args(config) if config_args else {}
+        launch(name, kernel, grid(config), *args, **meta, **config, **extra)
         return
     start = 0 if chosen is None else chosen[0]
     if chosen is None and len(configs) > 1 and (_compile_every or _timing_applies(first)):
@@ -160,7 +162,8 @@ def launch_tuned(name: str, kernel, configs: Sequence[dict], grid: Callable[[dic
     for index in range(start, len(configs)):
         try:
             config = configs[index]
-            launch(name, kernel, grid(config), *args, **meta, **config, **(config_args(config) if config_args else {}))
+            extra = config_args(config) if config_args else {}
+            launch(name, kernel, grid(config), *args, **meta, **config, **extra)
         except OutOfResources as error:
             if index == len(configs) - 1:
                 raise RuntimeError(f"{name}: no tile configuration fits this GPU ({error})") from error

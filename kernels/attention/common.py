@@ -287,7 +287,8 @@ def gpu_tiles(head_dim: int, dtype: torch.dtype, kernel: str, tma: bool = False)
     candidates = _CANDIDATES[kernel][dtype != torch.float32, 64 if block_d <= 64 else block_d]
     loads = ({"TMA": True}, {"TMA": False}) if tma else ({"TMA": False},)
     return tuple(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages) | load
-                 for load in (loads if kernel == "forward" else ({},)) for block_m, block_n, warps, stages in candidates)
+                 for load in (loads if kernel == "forward" else ({},))
+                 for block_m, block_n, warps, stages in candidates)
 
 
 @functools.lru_cache(maxsize=None)

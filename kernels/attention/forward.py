@@ -10,8 +10,9 @@ from engine.kernels._launch import cdiv, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
-    LN2, NO_DESCRIPTORS, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile, _scores, _sequences,
-    _tile_mask, check, dropout_scale, flags, kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride,
+    LN2, NO_DESCRIPTORS, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile,
+    _scores, _sequences, _tile_mask, check, dropout_scale, flags, kv_descriptors, mask_args, tiles, tma_applies,
+    unit_last_stride,
 )
 
 _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
@@ -133,15 +134,15 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
                                   Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed, pid_bh, q_start,
-                                  max_seqlen_k, dropout_p, dropout_scale, False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
-                                  EVEN_D, TMA, BLOCK_N, BLOCK_D)
+                                  max_seqlen_k, dropout_p, dropout_scale, False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
+                                  NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, BLOCK_N, BLOCK_D)
         processed += 1
     for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
                                   Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed, pid_bh, q_start,
-                                  max_seqlen_k, dropout_p, dropout_scale, True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION,
-                                  EVEN_D, TMA, BLOCK_N, BLOCK_D)
+                                  max_seqlen_k, dropout_p, dropout_scale, True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
+                                  NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, BLOCK_N, BLOCK_D)
         processed += 1
         masked += 1
 

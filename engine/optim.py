@@ -238,8 +238,9 @@ def clip_grad_norm_(
     and dtype, no host synchronisation unless ``error_if_nonfinite``) on gradients in any dense
     layout (contiguous, channels_last, ...); other norms, and gradients that are strided views,
     use torch's. DTensor gradients on one 1-D mesh (FSDP2, tensor parallel) are clipped by their
-    global norm: the local shards' norms joined by one all-reduce, replicated gradients counted
-    once; the norm comes back as a replicated DTensor, as torch's does.
+    global norm: the local shards' norms joined by one all-reduce, replicated gradients (and plain
+    tensors beside DTensors, which torch's clip refuses) counted once; the norm comes back as a
+    replicated DTensor, as torch's does.
     Empty gradients count as zero (torch's inf norm raises on them).
     """
     if isinstance(parameters, torch.Tensor):
@@ -291,13 +292,13 @@ def clip_grad_norm_(
 
 def _shard_mesh(grads: list[torch.Tensor]):
     """The one-dimensional device mesh the DTensor gradients share (None without DTensors; False
-    where the fused clip does not apply: several or 2-D meshes, partial sums, or plain tensors
-    beside DTensors - torch's clip then runs)."""
+    where the fused clip does not apply: several or 2-D meshes, or partial sums - torch's clip
+    then runs). Plain tensors beside DTensors are taken as replicated, the same on every rank
+    (tensor parallel's norms and embeddings)."""
     dtensors = [g for g in grads if isinstance(g, DTensor)]
     if not dtensors:
         return None
     mesh = dtensors[0].device_mesh
-    if len(dtensors) != len(grads) or mesh.ndim != 1 or any(
-            g.device_mesh != mesh or g.placements[0].is_partial() for g in dtensors):
+    if mesh.ndim != 1 or any(g.device_mesh != mesh or g.placements[0].is_partial() for g in dtensors):
         return False
     return mesh

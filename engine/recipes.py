@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from engine import data, lora, metrics
 from engine.models import GPT, GPTConfig, load_hf_bert, save_pretrained
 from engine.train import TrainConfig, count_parameters, distributed, init_distributed, train
+from engine.train.parallel import full_state_dict, is_sharded
 from engine.errors import InvalidArgument
 from engine.settings import check_types, require_positive
 
@@ -79,8 +80,12 @@ def pretrain(config: PretrainConfig) -> dict:
         print(f"pretrain: {config.model} GPT, {total / 1e6:.2f}M parameters, {len(ids):,} tokens "
               f"({len(train_blocks)} blocks of {config.block_size}), vocabulary {tokenizer.get_vocab_size()}, "
               f"{world} process(es)")
-    records = train(distributed(model, world), train_blocks, _lm_loss, config.train, collate=_stack,
-                    evaluate=evaluate, rank=rank, world=world, unit="tokens")
+    records = train(distributed(model, world, config.train.parallel, precision=config.train.precision), train_blocks,
+                    _lm_loss, config.train, collate=_stack, evaluate=evaluate, rank=rank, world=world, unit="tokens")
+    if is_sharded(model):  # FSDP, TP: the whole model in its own layout, gathered from every rank
+        whole = full_state_dict(model)
+        model = GPT(model.config)
+        model.load_state_dict(whole)
     if rank == 0:
         out = Path(config.train.out_dir)
         save_pretrained(model, out / "model")

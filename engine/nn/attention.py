@@ -134,8 +134,12 @@ class SelfAttention(torch.nn.Module):
         ``cache.length`` (the caller advances it) and the queries, the last S positions, attend
         with bottom-right causal alignment."""
         batch, seqlen, _ = x.shape
-        qkv = self.qkv_proj(x).view(batch, seqlen, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # (B, H*, S, D)
+        qkv = self.qkv_proj(x)
+        # under tensor parallel (engine.train.parallel) this rank's heads only: [Q_r | K_r | V_r]
+        ranks = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim // qkv.shape[-1]
+        heads, kv_heads = self.num_heads // ranks, self.num_kv_heads // ranks
+        qkv = qkv.view(batch, seqlen, heads + 2 * kv_heads, self.head_dim)
+        q, k, v = qkv.transpose(1, 2).split([heads, kv_heads, kv_heads], dim=1)  # (B, H*, S, D)
         if rotary is not None:
             q, k = ops.apply_rotary(q, k, *rotary, inplace=True)  # in qkv itself when nothing differentiates
         dropout_p = self.dropout if self.training else 0.0
@@ -145,7 +149,7 @@ class SelfAttention(torch.nn.Module):
             _recorded.append(ops.attention_probs(q, keys, causal=causal, attn_mask=attn_mask)[0].detach())
         if cache is None:
             out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                                   dropout_p=dropout_p, enable_gqa=self.num_kv_heads != self.num_heads)
+                                                   dropout_p=dropout_p, enable_gqa=kv_heads != heads)
         else:
             k, v = cache.append(layer, k, v)  # (B, Hkv, cached + S, D)
             out = ops.flash_attention(q, k, v, causal="bottom_right" if is_causal else False, attn_mask=attn_mask,

@@ -195,6 +195,13 @@ def _refusal(kernels, logits_dtype: torch.dtype) -> str | None:
     return None if logits_dtype in dtypes else f"dtype {logits_dtype} (the kernel takes {', '.join(map(str, dtypes))})"
 
 
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor's whole value as a plain tensor (an all-gather, differentiable), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -215,7 +222,10 @@ def linear_cross_entropy(
     torch's; the sums are fp32 either way): a scalar, or (*) for reduction "none" (0 where
     target is ``ignore_index``). A mean over no counted rows is NaN, as
     torch's. A target outside [0, V) raises IndexError on CPU and gives NaN on a GPU (where
-    checking would synchronise) and under torch.compile."""
+    checking would synchronise) and under torch.compile. A DTensor weight, bias or hidden
+    (sharded by FSDP2 or tensor parallel) is gathered whole first, its gradient going back to
+    the shards."""
+    hidden, weight, bias = (_gathered(t) for t in (hidden, weight, bias))
     _check(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_memory)
     vocab = weight.shape[0]
     flat_target = target.reshape(-1).long()

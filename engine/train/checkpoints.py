@@ -1,8 +1,9 @@
 """Checkpoints that resume exactly and never lose work, and the lock that keeps one run per folder.
 
-A checkpoint is a folder ``step-N`` (model.safetensors, state.pt) written under a temporary name
-unique to the process, fsynced, renamed, and published by atomically replacing the ``latest``
-file; only then are older ones deleted. A checkpoint whose weights are not finite is never
+A checkpoint is a folder ``step-N`` (model.safetensors, state.pt; a sharded model's and
+optimizer's shards in torch.distributed.checkpoint's format instead of the first) written under
+a temporary name unique to the process (rank 0's, for a sharded one), fsynced, renamed, and
+published by atomically replacing the ``latest`` file; only then are older ones deleted. A checkpoint whose weights are not finite is never
 written. ``latest`` must name a complete ``step-<digits>`` folder of this run; anything else (a
 missing, garbled or foreign pointer) falls back to the newest complete checkpoint with a warning;
 a pointer with no checkpoint left is refused, and the records of a run that ended before its
@@ -22,6 +23,11 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from engine.train.parallel import any_rank, from_rank_zero, is_sharded, local_tensors
 
 _STEP_NAME = re.compile(r"step-(\d+)")
 
@@ -96,8 +102,10 @@ def load_rng_state(state: dict, device: torch.device) -> None:
 
 
 def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the floating-point tensors of ``model``'s state dict holding NaN or inf."""
-    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    """Names of the floating-point tensors of ``model``'s state dict holding NaN or inf (in this
+    rank's shards, for DTensors)."""
+    return [name for name, t in local_tensors(model.state_dict()).items()
+            if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 class Checkpoints:
@@ -113,7 +121,8 @@ class Checkpoints:
 
     @staticmethod
     def _complete(folder: Path) -> bool:
-        return (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file()
+        """state.pt beside the model: model.safetensors, or a sharded checkpoint's .metadata."""
+        return (folder / "state.pt").is_file() and any((folder / f).is_file() for f in ("model.safetensors", ".metadata"))
 
     def _newest_complete(self) -> Path | None:
         complete = [p for p in self._folders() if self._complete(p)]
@@ -159,24 +168,46 @@ class Checkpoints:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     def save(self, step: int, model, optimizer, scheduler, scaler, stream, device: torch.device,
-             config=None) -> Path:
+             config=None, *, world: int = 1) -> Path:
         """Write and publish ``step-N``; refuses (RuntimeError) a model with non-finite weights, and
-        a failed write (a full or read-only disk) leaves the published checkpoint as it was."""
-        bad = nonfinite_tensors(model)
+        a failed write (a full or read-only disk) leaves the published checkpoint as it was.
+
+        A model with DTensor parameters (FSDP2, tensor parallel) is saved by every rank at once
+        through torch.distributed.checkpoint (each its shards, into the folder rank 0 names) and
+        published by rank 0; otherwise only the caller (rank 0) saves, as safetensors."""
+        sharded = is_sharded(model)
+        bad = any_rank(bool(nonfinite_tensors(model)), world) if sharded else nonfinite_tensors(model)
         if bad:
-            raise RuntimeError(f"step {step}: not saving a checkpoint with non-finite weights ({', '.join(bad[:5])}"
-                               f"{' ...' if len(bad) > 5 else ''}); the published one is kept")
+            named = "" if bad is True else f" ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})"
+            raise RuntimeError(f"step {step}: not saving a checkpoint with non-finite weights{named}; the published "
+                               "one is kept")
         name = f"step-{step}"
         tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng_state(device), "data": stream.state(),
+        rank = 0
+        if sharded and world > 1:  # every rank writes into rank 0's folder
+            tmp, rank = from_rank_zero(tmp, world), dist.get_rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        state = {"step": step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": rng_state(device), "data": stream.state(), "world": world,
+                 "groups": [len(group["params"]) for group in optimizer.param_groups],
                  "config": None if config is None else dataclasses.asdict(config)}
         writing = tmp
         try:
-            tmp.mkdir(parents=True)
-            writing = tmp / "model.safetensors"
-            safetensors.torch.save_model(model, str(writing))
+            if rank == 0:
+                tmp.mkdir(parents=True)
+            if sharded:
+                writing = tmp / "model and optimizer shards"
+                if world > 1:
+                    dist.barrier()  # the folder exists before any rank writes into it
+                model_state, optimizer_state = get_state_dict(model, optimizer)
+                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+                if rank != 0:
+                    return self.out_dir / name
+            else:
+                writing = tmp / "model.safetensors"
+                safetensors.torch.save_model(model, str(writing))
+                state["optimizer"] = optimizer.state_dict()
             writing = tmp / "state.pt"
             with writing.open("wb") as file:
                 torch.save(state, file)
@@ -188,6 +219,11 @@ class Checkpoints:
             kept = self.latest_published()
             raise RuntimeError(f"checkpoint {name}: writing {writing} failed ({error}); is the disk full or "
                                f"read-only? {kept.name if kept else 'No earlier checkpoint'} is untouched") from error
+        return self._publish(tmp, name)
+
+    def _publish(self, tmp: Path, name: str) -> Path:
+        """Rename the written ``tmp`` to ``name`` and point ``latest`` at it (the atomic step); only
+        then delete anything older."""
         final = self.out_dir / name
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -215,17 +251,33 @@ class Checkpoints:
             return None
         return self.out_dir / named if _STEP_NAME.fullmatch(named) and self._complete(self.out_dir / named) else None
 
-    def load(self, folder: Path, model, optimizer, scheduler, scaler, stream, device: torch.device) -> dict:
-        """Restore everything a checkpoint holds; returns its state (step, config, ...)."""
-        safetensors.torch.load_model(model, str(folder / "model.safetensors"), device=str(device))
+    def load(self, folder: Path, model, optimizer, scheduler, scaler, stream, device: torch.device,
+             *, world: int = 1, same_world: bool = False) -> dict:
+        """Restore everything a checkpoint holds (every rank, for a sharded one); returns its state
+        (step, config, ...). A sharded checkpoint loads into a model sharded the same way, with
+        ``same_world`` (tensor parallel's layout) only on as many processes as wrote it."""
         state = torch.load(folder / "state.pt", weights_only=True)
-        saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        if same_world and state.get("world", 1) != world:
+            raise RuntimeError(f"{folder} was written by {state.get('world', 1)} tensor-parallel processes, this run "
+                               f"has {world}: resume it with --nproc_per_node={state.get('world', 1)}")
         groups = [len(group["params"]) for group in optimizer.param_groups]
-        if saved_groups != groups:
-            raise RuntimeError(f"{folder}: its optimizer groups hold {saved_groups} parameters, this run's {groups}: "
+        saved = state["groups"] if "groups" in state else [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if saved != groups:
+            raise RuntimeError(f"{folder}: its optimizer groups hold {saved} parameters, this run's {groups}: "
                                "it was written with other trainable parameters or weight-decay groups; resume it "
                                "with the settings that wrote it, or use a new out_dir")
-        optimizer.load_state_dict(state["optimizer"])
+        sharded = (folder / ".metadata").is_file()
+        if sharded != is_sharded(model):
+            raise RuntimeError(f"{folder} holds a {'sharded' if sharded else 'whole'} model, this run's is "
+                               f"{'sharded' if is_sharded(model) else 'whole'}: resume it with the train.parallel "
+                               "that wrote it")
+        if sharded:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        else:
+            safetensors.torch.load_model(model, str(folder / "model.safetensors"), device=str(device))
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])

@@ -14,7 +14,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
 # Settings a resumed run must keep: the data order, the optimizer's groups and state, the numerics.
 # The others apply from the resumed step on, and the run says so (lr, the schedule, clipping, ...).
-RESUME_FIXED = ("batch_size", "grad_accumulation", "weight_decay", "decay_embeddings", "precision", "seed")
+RESUME_FIXED = ("batch_size", "grad_accumulation", "weight_decay", "decay_embeddings", "precision", "seed", "parallel")
+PARALLEL = ("ddp", "fsdp", "tp")
 
 
 def _help(text: str) -> dict:
@@ -48,6 +49,9 @@ class TrainConfig:
     out_dir: str = "runs/run"
     device: str = "auto"  # "auto": CUDA when present
     backend: str = "auto"  # engine backend; "torch" runs the same loop on plain PyTorch
+    parallel: str = dataclasses.field(default="ddp", metadata=_help(
+        "with several processes (torchrun): ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard per block; "
+        "sharded checkpoints) or tp (tensor parallel over attention heads and MLP units; every rank the same batch)"))
 
     def __post_init__(self):
         check_types(self)
@@ -63,6 +67,7 @@ class TrainConfig:
         require(self, "on_nonfinite", self.on_nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}",
                 self.on_nonfinite)
         require(self, "backend", self.backend in ("auto", "triton", "torch"), "auto, triton or torch", self.backend)
+        require(self, "parallel", self.parallel in PARALLEL, f"one of {PARALLEL}", self.parallel)
         if self.device != "auto":
             try:
                 torch.device(self.device)

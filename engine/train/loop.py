@@ -11,7 +11,7 @@ changes it applies.
 Between log steps the loop never waits on the host: losses are summed on the device and read
 every ``log_every`` and ``eval_every`` steps, a non-finite step's update is skipped on the device (the flag goes to
 FusedAdamW as GradScaler's ``found_inf`` does), and under DDP gradients are all-reduced on the
-last micro-batch of each step only. On backend "torch" (torch.optim.AdamW, which cannot take
+last micro-batch of each step only (under FSDP2 too). On backend "torch" (torch.optim.AdamW, which cannot take
 the flag) the flag is read once per step.
 """
 
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from engine import backend
-from engine.optim import FusedAdamW, clip_grad_norm_
+from engine.optim import FusedAdamW, clip_grad_norm_, local
 from engine.train.checkpoints import Checkpoints, RunLock, nonfinite_tensors
 from engine.train.config import RESUME_FIXED, TrainConfig
-from engine.train.parallel import from_rank_zero, global_mean, unwrap
+from engine.train.parallel import any_rank, from_rank_zero, global_mean, gradient_sync, is_sharded, unwrap
 from engine.train.records import MetricsLog, plot_loss
 
 
@@ -113,13 +113,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
         return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
                 for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _gradient_sync(model: torch.nn.Module, last: bool):
-    """DDP's all-reduce on the last micro-batch of a step only (``no_sync`` before it)."""
-    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
 
 
 def _step_skipping(optimizer, scaler, bad: torch.Tensor) -> None:
@@ -213,11 +206,13 @@ def train(
     ``loss_fn(model, batch)`` returns (mean loss, number of tokens or examples it covers), which
     the progress line gives per second as ``unit`` ("tokens", "examples").
     ``evaluate(model)`` returns a dict with ``eval_loss`` and any metrics. With ``world > 1`` the
-    model is expected to be wrapped in DistributedDataParallel (``distributed``); each rank draws
-    its share of every global batch of ``batch_size * world`` examples, the logged loss is the
-    global mean, and only rank 0 evaluates, logs and checkpoints. A run resumes from ``out_dir``
-    when it holds a checkpoint (under DDP every rank restores rank 0's RNG state); rank 0 holds
-    ``out_dir``'s lock while it runs.
+    model is expected to be made ready by ``distributed(model, world, config.parallel)``. Under
+    DDP and FSDP each rank draws its share of every global batch of ``batch_size * world``
+    examples and the logged loss is the global mean; under tensor parallel every rank draws the
+    whole batch of ``batch_size``. Rank 0 logs; it alone evaluates and checkpoints under DDP,
+    while a sharded model (FSDP, TP) evaluates on every rank and saves a sharded checkpoint from
+    all. A run resumes from ``out_dir`` when it holds a checkpoint (every rank restores rank 0's
+    RNG state); rank 0 holds ``out_dir``'s lock while it runs.
     """
     device = config.resolved_device()
     if config.precision == "fp16" and device.type != "cuda":
@@ -245,7 +240,10 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
     stream = BatchStream(train_data, config.batch_size, collate, config.seed)
-    stream.rank, stream.world = rank, world
+    # data parallel (ddp, fsdp): each rank its share of the global batch; tensor parallel: all the same
+    data_rank, data_world = (0, 1) if config.parallel == "tp" else (rank, world)
+    stream.rank, stream.world = data_rank, data_world
+    sharded = is_sharded(model)  # every rank evaluates and checkpoints: the forward and saves are collective
     checkpoints = Checkpoints(out_dir)
     latest = None
     if rank == 0:  # one process reads (and may tidy) the folder; the others follow its answer
@@ -254,7 +252,8 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
     latest = from_rank_zero(latest, world)
     start = 0
     if latest is not None:
-        state = checkpoints.load(latest, unwrap(model), optimizer, scheduler, scaler, stream, device)
+        state = checkpoints.load(latest, unwrap(model), optimizer, scheduler, scaler, stream, device, world=world,
+                                 same_world=config.parallel == "tp")
         start = state["step"]
         _say(rank, f"resuming {out_dir} from step {start} of {config.steps}"
              + (": the run is complete" if start == config.steps else ""))
@@ -274,17 +273,17 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
             step_loss = torch.zeros((), device=device)
             for micro in range(config.grad_accumulation):
                 batch = _to_device(stream.next(), device)
-                with _gradient_sync(model, last=micro == config.grad_accumulation - 1):
+                with gradient_sync(model, last=micro == config.grad_accumulation - 1):
                     with _autocast(device, config.precision):
                         loss, items = loss_fn(stepped, batch)
                     scaler.scale(loss / config.grad_accumulation).backward()
                 step_loss += loss.detach().float() / config.grad_accumulation
                 window_items += items
-            step_loss = global_mean(step_loss, world)
+            step_loss = global_mean(step_loss, data_world)
             grad_norm = None
             if config.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
-                grad_norm = clip(trainable, config.max_grad_norm)
+                grad_norm = local(clip(trainable, config.max_grad_norm))  # sharded: a replicated DTensor
             # fp16: an overflowing gradient is GradScaler's to skip; a non-finite loss is ours
             bad = ~torch.isfinite(step_loss)
             if grad_norm is not None and not scaler.is_enabled():
@@ -312,7 +311,7 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                     elapsed = time.perf_counter() - window_start
                     finite = [loss for _, loss, found in read if "loss" not in found]
                     record = {"step": done, "loss": sum(finite) / len(finite) if finite else float("nan"),
-                              "lr": scheduler.get_last_lr()[0], "items_per_s": window_items * world / elapsed}
+                              "lr": scheduler.get_last_lr()[0], "items_per_s": window_items * data_world / elapsed}
                     skipped = 0 if scaler.is_enabled() else len(nonfinite)
                     if skipped:
                         record["skipped_steps"] = skipped
@@ -323,22 +322,27 @@ def _train(model, train_data, loss_fn, config, collate, evaluate, rank, world, d
                           flush=True)
                 if logging:
                     window_start, window_items, window = time.perf_counter(), 0, []
-            if evaluate is not None and rank == 0 and (done % config.eval_every == 0 or done == config.steps):
+            evaluating = evaluate is not None and (done % config.eval_every == 0 or done == config.steps)
+            if evaluating and (rank == 0 or sharded):
                 model.eval()
                 with torch.no_grad(), _autocast(device, config.precision):
                     result = evaluate(unwrap(model))
                 model.train()
+            if evaluating and log is not None:
                 log.write({"step": done, **result})
                 print(f"step {done}/{config.steps}  eval " + "  ".join(
                     f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)), file=sys.stderr, flush=True)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 bad = nonfinite_tensors(unwrap(model))  # on every rank, so that all stop together
-                if bad:
-                    raise NonFiniteError(f"step {done}: weights {', '.join(bad[:5])} are not finite; no checkpoint "
-                                         "is written and the last finite one is kept. Lower train.lr")
-                if rank == 0:
+                if any_rank(bool(bad), world) if sharded else bad:
+                    raise NonFiniteError(f"step {done}: weights {', '.join(bad[:5]) or 'of another rank'} are not "
+                                         "finite; no checkpoint is written and the last finite one is kept. Lower "
+                                         "train.lr")
+                if log is not None:
                     log.sync()  # no record of a published step is lost to a crash
-                    checkpoints.save(done, unwrap(model), optimizer, scheduler, scaler, stream, device, config)
+                if rank == 0 or sharded:
+                    checkpoints.save(done, unwrap(model), optimizer, scheduler, scaler, stream, device, config,
+                                     world=world)
             if world > 1:
                 torch.distributed.barrier()
     if rank != 0:

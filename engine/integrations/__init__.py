@@ -1,0 +1,1 @@
+"""The engine inside other training stacks: ``transformers`` (the Hugging Face Trainer)."""

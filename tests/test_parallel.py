@@ -1,5 +1,6 @@
-"""FSDP2 and tensor parallel with 2 CPU processes (torchrun, gloo): the engine's GPT and BERT made
-ready by ``engine.train.distributed`` train as one process does (parallel_worker.py), and
+"""FSDP2 and tensor parallel with 2 CPU processes (torchrun, gloo): the engine's GPT and BERT, and
+an engine.patch'ed transformers BERT (FSDP2), made ready by ``engine.train.distributed`` train as
+one process does (parallel_worker.py), and
 ``torchrun -m engine pretrain train.parallel=fsdp|tp`` gives one process's losses, writes sharded
 checkpoints, resumes a killed run to the same curve and saves the whole model in its own layout."""
 
@@ -24,7 +25,7 @@ def test_gpt_and_bert_sharded_and_tensor_parallel_train_as_one_process():
     run = subprocess.run([*TORCHRUN, str(Path(__file__).with_name("parallel_worker.py")), "fsdp", "tp"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for case in ("gpt fsdp", "gpt tp", "bert fsdp", "bert tp", "the sharded LM head"):
+    for case in ("gpt fsdp", "gpt tp", "bert fsdp", "bert tp", "hf-bert fsdp", "the sharded LM head"):
         assert run.stdout.count(f"{case} match") == 2, run.stdout
 
 

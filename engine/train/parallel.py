@@ -43,8 +43,9 @@ def _mesh(model: torch.nn.Module, world: int):
 
 def distributed(model: torch.nn.Module, world: int, parallel: str = "ddp", *, precision: str = "fp32") -> torch.nn.Module:
     """``model`` made ready for ``world`` processes (itself with one): wrapped in
-    DistributedDataParallel ("ddp"), sharded in place by FSDP2 per TransformerBlock and at the root
-    ("fsdp"; bf16 parameters with fp32 gradient reduction when ``precision`` is bf16 on CUDA),
+    DistributedDataParallel ("ddp"), sharded in place by FSDP2 per block (TransformerBlock, or a
+    Hugging Face model's layer) and at the root ("fsdp"; bf16 parameters with fp32 gradient
+    reduction when ``precision`` is bf16 on CUDA),
     or split over attention heads and MLP units in place ("tp", ``tensor_parallel``)."""
     if parallel not in PARALLEL:
         raise ValueError(f"distributed: parallel must be one of {PARALLEL}, got {parallel!r}")
@@ -61,9 +62,16 @@ def distributed(model: torch.nn.Module, world: int, parallel: str = "ddp", *, pr
     policy = MixedPrecisionPolicy()
     if precision == "bf16" and next(model.parameters()).is_cuda:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+    for block in _blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units FSDP2 shards one by one: the engine's TransformerBlocks, and a Hugging Face
+    model's layers (the classes its ``_no_split_modules`` names, e.g. BertLayer)."""
+    named = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if isinstance(m, TransformerBlock) or type(m).__name__ in named]
 
 
 def _rank_major(parts: list[int], ranks: int) -> torch.Tensor:

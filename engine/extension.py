@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -70,12 +71,26 @@ def built_archs() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
 
 
+def _quiet_import_of_cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found, using
+    CUDA_HOME=..." warning: building the CUDA half on a machine without a GPU is expected (the
+    kernels run where the extension is used on a GPU)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def build(*, verbose: bool = False) -> ModuleType:
     """Compile (or load from the cache) and import the extension; raises if it cannot."""
     home = cuda_home()
     if home is not None:
         os.environ.setdefault("CUDA_HOME", home)  # before cpp_extension reads it at import
-    from torch.utils import cpp_extension
+    cpp_extension = _quiet_import_of_cpp_extension()
 
     if torch.version.cuda is not None and home is None:
         backend.warn_fallback("engine extension (CUDA half)", "no CUDA toolkit (nvcc) found: only the CPU twins are built")

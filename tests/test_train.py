@@ -268,9 +268,16 @@ def test_attention_maps_are_drawn_per_layer(tmp_path):
         model(ids)
     assert len(maps) == 6 and maps[0].shape == (1, 12, ids.shape[1], ids.shape[1])
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 12, ids.shape[1]))  # rows are distributions
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    tokenizer.enable_padding(length=128)  # as the packaged tokenizer does: the map must drop it
     paths = visualize.attention_maps(model, tokenizer, "the film was a delight", tmp_path)
+    assert seen == [torch.Size([1, 7])]  # [CLS] the film was a delight [SEP]: no [PAD] attended or drawn
     assert [p.name for p in paths] == [f"layer-{i}.png" for i in range(6)]
     assert all(p.stat().st_size > 10_000 for p in paths)
+    long_text = " ".join(["a remarkably long sentence about the film"] * 8)  # 58 tokens: thinned labels
+    visualize.attention_maps(model, tokenizer, long_text, tmp_path / "long")
+    assert len(seen[-1]) == 2 and seen[-1][1] > 50
 
 
 def test_a_pointer_to_a_missing_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):

@@ -26,7 +26,7 @@ def test_gpt_and_bert_sharded_and_tensor_parallel_train_as_one_process():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for case in ("gpt fsdp", "gpt tp", "bert fsdp", "bert tp", "hf-bert fsdp", "the sharded LM head"):
-        assert run.stdout.count(f"{case} match") == 2, run.stdout
+        assert run.stdout.count(f": {case} match") == 2, run.stdout
 
 
 def _settings(out: Path, corpus: Path, steps: int, batch: int, parallel: str | None = None) -> list[str]:

@@ -1,8 +1,12 @@
-"""The README's Python blocks run as written: each is extracted and executed on its own, in a
-fresh interpreter in an empty folder, on CPU, as a newcomer pasting it would run it."""
+"""The README runs as written. Its Python blocks: each extracted and executed on its own, in a
+fresh interpreter in an empty folder, on CPU, as a newcomer pasting it would run it. Its
+training and scaling-out commands: run in order in one empty folder with small settings appended.
+build-ext included. (The Quickstart's test command is CI's own; bench, gate and cross-compile
+have their tests in test_bench.py, test_gate.py and kernels/test_cross_compile.py.)"""
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +30,44 @@ def test_a_readme_python_block_runs_as_written(tmp_path, block):
     run = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"{block}\n---\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+
+
+# Small settings appended to each verb's README command (later settings win), so the commands
+# run as written in CI's time; everything else on the line is the README's.
+SMALL = {
+    "pretrain": ["train.steps=2", "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2",
+                 "train.warmup_steps=1", "eval_blocks=2"],
+    "finetune": ["train_examples=16", "eval_examples=16", "max_length=32", "train.steps=2", "train.batch_size=4",
+                 "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2", "train.warmup_steps=1"],
+    "evaluate": ["--limit", "16"],
+}
+
+
+def _commands(heading: str) -> list[list[str]]:
+    """The commands of the first bash block after ``heading``, as argument lists (comments dropped)."""
+    section = TEXT[TEXT.index(heading):]
+    block = re.search(r"^```bash\n(.*?)^```", section, re.S | re.M).group(1)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_commands_run_as_written(tmp_path):
+    """Every command of "Training and fine-tuning", "Scaling out" and the extension's build, in
+    order, in an empty folder (so generate, evaluate and attention-map read the runs the commands
+    before them wrote)."""
+    commands = (_commands("## Training and fine-tuning") + _commands("### Scaling out")
+                + _commands("## The C++/CUDA extension"))
+    assert len(commands) >= 15
+    for words in commands:
+        if words[0] == "torchrun":
+            words = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+        elif words[:3] == ["python", "-m", "engine"]:
+            words = [sys.executable, *words[1:]]
+        else:
+            raise AssertionError(f"a README command that is not the engine's: {words}")
+        verb = words[words.index("engine") + 1]
+        run = subprocess.run(words + SMALL.get(verb, []), cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, f"{' '.join(words)}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+    assert (tmp_path / "attention-maps" / "layer-0.png").is_file()
+    assert {p.name for p in (tmp_path / "runs").iterdir()} >= {"pretrain", "pretrain-torch", "finetune",
+                                                                "finetune-lora", "finetune-rt"}

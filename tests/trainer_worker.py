@@ -24,14 +24,15 @@ def main() -> None:
     tokenizer.enable_truncation(64)
     tokenizer.no_padding()
     train_examples, held_out = data.held_out_split(data.reviews("imdb"))
-    train_set = data.TextClassification(train_examples[:steps * batch * 2], tokenizer)
+    train_set = data.TextClassification(train_examples[:768], tokenizer)  # the same data and order for any STEPS
     eval_set = data.TextClassification(held_out[:200], tokenizer)
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no dropout: one curve
     args = transformers.TrainingArguments(
         output_dir=out + ".trainer", per_device_train_batch_size=batch // int(os.environ.get("WORLD_SIZE", "1")), per_device_eval_batch_size=50, max_steps=steps,
-        learning_rate=2e-4, warmup_steps=2, weight_decay=0.01, max_grad_norm=1.0, logging_steps=1,
+        learning_rate=2e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=2,  # a run's first steps
+        weight_decay=0.01, max_grad_norm=1.0, logging_steps=1,  # are a shorter run's
         save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
     trainer_class = EngineTrainer if kind == "engine" else transformers.Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_set,

@@ -7,6 +7,7 @@ same run: above 1 means faster than eager PyTorch.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -33,7 +34,14 @@ def run_suite(out_dir: Path, *, size: str | None = None, select: str | None = No
         args.append(f"--bench-size={size}")
     if select:
         args += ["-k", select]
-    return int(pytest.main(args)), json_path
+    # started from a pytest-xdist worker (the engine's own tests), the suite is still not distributed:
+    # pytest-benchmark switches itself off when it sees the worker's variable
+    worker = os.environ.pop("PYTEST_XDIST_WORKER", None)
+    try:
+        return int(pytest.main(args + ["-p", "no:xdist"])), json_path
+    finally:
+        if worker is not None:
+            os.environ["PYTEST_XDIST_WORKER"] = worker
 
 
 def rows(report: dict) -> list[dict]:

@@ -45,14 +45,17 @@ def _attention_cases():
     cu = torch.tensor([0, 11, 19], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)
     plain = (q, k, v)
+    none = (-2, -2)  # no sliding window
     return {
-        "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False),
-        "causal, GQA, deterministic": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, True),
-        "key padding, bottom-right": (*plain, keys, 0.2, "bottom_right", 0.0, None, None, None, None, None, False),
-        "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None, False),
-        "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None, False),
+        "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False, *none),
+        "causal, GQA, deterministic": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, True, *none),
+        "key padding, bottom-right": (*plain, keys, 0.2, "bottom_right", 0.0, None, None, None, None, None, False,
+                                      *none),
+        "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None, False, *none),
+        "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None, False, *none),
+        "sliding window": (*plain, None, 0.2, None, 0.0, None, None, None, None, None, False, 6, 2),
         "packed": (packed[0][:19], packed[1][:23], packed[2][:23], None, 0.2, "top_left", 0.0, None, cu, cu_k, 11, 14,
-                   False),
+                   False, 4, 0),
     }
 
 

@@ -61,3 +61,18 @@ def test_engine_trainer_under_accelerate_launch_with_two_processes(tmp_path):
     assert ours["launches"] == {"grad_norm_cpu": steps, "grad_scale_cpu": steps, "adamw_step_cpu": 2 * steps}
     assert len(ours["losses"]) == steps
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(expected["losses"]), rtol=1e-4, atol=1e-5)
+
+
+def test_engine_trainer_keeps_an_optimizer_it_is_given_and_needs_a_model(tmp_path):
+    import transformers
+
+    from engine.integrations.transformers import EngineTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="model is required"):
+        EngineTrainer(model=None, args=args)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = EngineTrainer(model=model, args=args, optimizers=(sgd, None))
+    assert trainer.optimizer is sgd and trainer.optimizer_cls_and_kwargs is None
+    assert trainer.patch_report.counts() == {"LayerNorm": 1}  # patched all the same

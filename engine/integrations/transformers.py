@@ -33,7 +33,7 @@ class EngineTrainer(transformers.Trainer):
             raise ValueError("EngineTrainer: model is required (the engine patches it; model_init is not supported)")
         self.patch_report = patch(model)
         if args is None:
-            args = transformers.TrainingArguments(output_dir="trainer_output")
+            args = transformers.TrainingArguments(output_dir="tmp_trainer")  # as the Trainer does
         if kwargs.get("optimizers", (None, None))[0] is None and kwargs.get("optimizer_cls_and_kwargs") is None:
             kwargs["optimizer_cls_and_kwargs"] = (FusedAdamW, {
                 "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})

@@ -27,6 +27,7 @@ from engine.errors import InvalidArgument, InvalidDtype
 from engine.ops.reference import attention_reference, varlen_reference
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+NO_WINDOW = (-2, -2)  # the window sides torch.ops.engine.attention_fwd takes for "no window" (engine.ops.library)
 _PLAIN_TORCH_FUNCTION = (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
 
 
@@ -43,11 +44,11 @@ def setup_attention_backward(ctx, inputs, output, keyword_only_inputs=None) -> N
     q, k, v, the output and the log-sum-exp (with its low part when there is an additive
     mask): memory linear in Sq."""
     (q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-     deterministic) = inputs
+     deterministic, window_left, window_right) = inputs
     out, lse, lse_lo = output
     ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k)
     ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q,
-                       max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+                       max_seqlen_k=max_seqlen_k, deterministic=deterministic, window=(window_left, window_right))
     ctx.mark_non_differentiable(lse, lse_lo)
 
 
@@ -63,14 +64,15 @@ def attention_backward(ctx, dout, _dlse, _dlse_lo):
 
         grads = library.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"],
                                       seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"],
-                                      o["deterministic"])
-    return *grads, *([None] * 10)
+                                      o["deterministic"], *o["window"])
+    return *grads, *([None] * 12)
 
 
 def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k) -> list:
     """dq, dk, dv as torch ops of the saved inputs (connected to the graph under create_graph):
     the eager reference recomputes the forward, with the kernel's own dropout mask."""
     o = ctx.options
+    window = None if o["window"] == NO_WINDOW else o["window"]
     # one view per argument, so that q, k and v given as one tensor get their own gradients
     q, k, v = (t.view_as(t) for t in (q, k, v))
     if cu_seqlens_q is None:
@@ -79,14 +81,14 @@ def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_se
             keep = backend.kernels().dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
                                                        o["dropout_p"], q.device)
         out, _ = attention_reference(q, k, v, causal=o["causal"], attn_mask=mask, scale=o["scale"],
-                                     dropout_keep=keep, dropout_p=o["dropout_p"])
+                                     dropout_keep=keep, dropout_p=o["dropout_p"], window=window)
     else:
         keep = None
         if o["dropout_p"] > 0:
             keep = _varlen_keep_masks(seed, q.shape[1], cu_seqlens_q, cu_seqlens_k, o["max_seqlen_k"],
                                       o["dropout_p"], q.device)
         out, _ = varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=o["causal"], scale=o["scale"],
-                                  dropout_p=o["dropout_p"], dropout_keep=keep)
+                                  dropout_p=o["dropout_p"], dropout_keep=keep, window=window)
     needed = ctx.needs_input_grad[:3]
     inputs = [t for t, need in zip((q, k, v), needed) if need]
     grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
@@ -204,6 +206,18 @@ def _resolve_mask(op: str, attn_mask: torch.Tensor | None, causal: str | None, s
     return attn_mask, causal
 
 
+def _check_window(op: str, window_size) -> tuple[int, int] | None:
+    """FlashAttention's ``window_size`` (left, right), -1 for no limit, as the kernels' window
+    (None for (-1, -1): no window)."""
+    if window_size is None:
+        return None
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and side >= -1 for side in window_size)):
+        raise InvalidArgument(f"{op}: window_size must be (left, right), each an int >= 0 or -1 for no limit, got "
+                              f"{window_size!r}")
+    return None if tuple(window_size) == (-1, -1) else tuple(window_size)
+
+
 def _deterministic(deterministic: bool | None) -> bool:
     return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
@@ -225,11 +239,16 @@ def flash_attention(
     return_lse: bool = False,
     generator: torch.Generator | None = None,
     deterministic: bool | None = None,
+    window_size: tuple[int, int] | None = None,
 ):
     """Fused attention of query (B, Hq, Sq, D) over key/value (B, Hkv, Sk, D), Hq a multiple of Hkv.
 
     ``causal``: False, True / "top_left" (as torch), or "bottom_right". ``attn_mask``: bool (True
-    = attend) or additive, broadcastable to (B, Hq, Sq, Sk), or a CausalBias. Dropout draws its
+    = attend) or additive, broadcastable to (B, Hq, Sq, Sk), or a CausalBias. ``window_size``:
+    FlashAttention's sliding window (left, right): query i sees key j only when -left <= j - i -
+    offset <= right (-1: no limit on that side), offset 0 or Sk - Sq as ``causal`` aligns, and
+    Sk - Sq (bottom-right, as FlashAttention) without ``causal``; the kernel skips the key tiles
+    outside every row's window, so its work grows linearly with the sequence. Dropout draws its
     seed from ``generator`` (default: PyTorch's). ``deterministic``: the backward's scheme (None:
     ``torch.are_deterministic_algorithms_enabled()``; False, FlashAttention-2's atomics, is faster;
     True repeats bit for bit). Returns out (B, Hq, Sq, D), and with
@@ -247,18 +266,20 @@ def flash_attention(
     mask, alignment = _resolve_mask(op, attn_mask, _causal_alignment(causal), shape, query.device)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    window = _check_window(op, window_size)
     if backend.choose(op, query.device, _kernel_refusal, query, key, value, mask) == "torch":
         keep = None
         if dropout_p > 0:
             keep = torch.rand(shape, generator=generator).to(query.device) >= dropout_p
         out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
-                                       dropout_keep=keep, dropout_p=dropout_p)
+                                       dropout_keep=keep, dropout_p=dropout_p, window=window)
     else:
         import engine.ops.library as library  # registers torch.ops.engine.* on first use (it imports Triton)
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, mask, scale, alignment, dropout_p, seed,
-                                            None, None, None, None, _deterministic(deterministic))
+                                            None, None, None, None, _deterministic(deterministic),
+                                            *(NO_WINDOW if window is None else window))
     return (out, lse) if return_lse else out
 
 
@@ -296,11 +317,13 @@ def flash_attn_varlen(
     return_lse: bool = False,
     generator: torch.Generator | None = None,
     deterministic: bool | None = None,
+    window_size: tuple[int, int] | None = None,
 ):
     """Attention over packed sequences: query (total_q, Hq, D), key/value (total_k, Hkv, D); sequence
     b holds tokens cu_seqlens[b]:cu_seqlens[b + 1] (int32, B + 1 entries). The kernel's work
     follows the real lengths (blocks past a sequence's end exit at once); the result equals the
-    padded computation. ``deterministic`` as for ``flash_attention``. Returns out (total_q, Hq, D)
+    padded computation. ``deterministic`` and ``window_size`` (per sequence) as for
+    ``flash_attention``. Returns out (total_q, Hq, D)
     [, lse (Hq, total_q)]."""
     op = "flash_attn_varlen"
     _check_qkv(op, query, key, value, gqa=False)
@@ -323,16 +346,17 @@ def flash_attn_varlen(
     alignment = _causal_alignment(causal)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    window = _check_window(op, window_size)
     if backend.choose(op, query.device, _kernel_refusal, query, key, value, None) == "torch":
         out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
-                                    dropout_p=dropout_p, generator=generator)
+                                    dropout_p=dropout_p, generator=generator, window=window)
     else:
         import engine.ops.library as library
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, None, scale, alignment, dropout_p, seed,
                                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            _deterministic(deterministic))
+                                            _deterministic(deterministic), *(NO_WINDOW if window is None else window))
     return (out, lse) if return_lse else out
 
 
@@ -420,5 +444,5 @@ def scaled_dot_product_attention(
 
     qkv = (query, key, value) if query.dim() == 4 else _as_4d(query, key, value)
     out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None,
-                                      torch.are_deterministic_algorithms_enabled())
+                                      torch.are_deterministic_algorithms_enabled(), *NO_WINDOW)
     return out if query.dim() == 4 else out.view_as(query)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

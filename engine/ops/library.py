@@ -103,17 +103,24 @@ def norm_bwd(dy: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor | None
             dx.new_empty(_ABSENT) if dbias is None else dbias)
 
 
+def _window(left: int, right: int) -> tuple[int, int] | None:
+    """The kernels' window from the op's two sides; engine.ops.attention.NO_WINDOW: None."""
+    return None if (left, right) == _attention.NO_WINDOW else (left, right)
+
+
 @_kernel_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, *, validate: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, window_left: int,
+                  window_right: int, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out like q, lse fp32, lse_lo or absent): see engine.kernels.attention_forward.
-    ``deterministic`` is the backward's scheme (engine.kernels.attention_backward)."""
+    ``deterministic`` is the backward's scheme (engine.kernels.attention_backward); window sides
+    -2 mean no window (-1: that side unlimited)."""
     out, lse, lse_lo = kernels.attention_forward(
         q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        window=_window(window_left, window_right), validate=validate)
     return out, lse, lse.new_empty(_ABSENT) if lse_lo is None else lse_lo
 
 
@@ -122,13 +129,15 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, lse_lo: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, *, validate: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, window_left: int,
+                  window_right: int, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): see engine.kernels.attention_backward."""
     return kernels.attention_backward(
         dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic, validate=validate)
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic,
+        window=_window(window_left, window_right), validate=validate)
+
 
 
 @_kernel_op("cross_entropy_rows", mutates=("logits",))

@@ -17,6 +17,21 @@ def causal_mask(seqlen_q: int, seqlen_k: int, alignment: str, device) -> torch.T
     return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(offset)
 
 
+def window_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], alignment: str, device) -> torch.Tensor:
+    """(Sq, Sk) bool, True where key j is inside query i's sliding window (left, right): -left <=
+    j - i - offset <= right, -1 for no limit on a side; offset as ``causal_mask``'s."""
+    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
+    distance = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
+                - offset)
+    left, right = window
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= distance >= -left
+    if right >= 0:
+        visible &= distance <= right
+    return visible
+
+
 def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -24,8 +39,10 @@ def attention_probs(
     causal: str | None = None,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
+    ``window`` (left, right): ``window_mask``, aligned as ``causal`` (bottom-right without it).
 
     query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. An additive mask is added
     in the wider of its dtype and the scores' (an fp32 finfo.min stays finite beside fp16 scores).
@@ -40,6 +57,9 @@ def attention_probs(
             scores = scores.to(torch.promote_types(scores.dtype, attn_mask.dtype)) + attn_mask
     if causal is not None:
         visible = causal_mask(scores.shape[-2], scores.shape[-1], causal, scores.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if window is not None:
+        visible = window_mask(scores.shape[-2], scores.shape[-1], window, causal or "bottom_right", scores.device)
         scores = scores.masked_fill(~visible, float("-inf"))
     empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
     scores = scores.masked_fill(empty, 0.0)
@@ -59,14 +79,16 @@ def attention_reference(
     scale: float | None = None,
     dropout_keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with the (B, Hq, Sq, Sk) softmax materialised, in the inputs' dtype.
 
     query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) with Hq a multiple of Hkv. ``dropout_keep``
-    (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p).
+    (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p);
+    ``window`` as for ``attention_probs``.
     Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32; +inf for rows that see no key).
     """
-    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale)
+    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale, window=window)
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p) if dropout_p < 1 else probs * 0
     value = value.repeat_interleave(query.shape[-3] // max(value.shape[-3], 1), -3)  # (B, Hq, Sk, D)
@@ -85,6 +107,7 @@ def varlen_reference(
     dropout_p: float = 0.0,
     dropout_keep: list[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_reference`` over packed sequences, one sequence at a time: query (total_q, Hq, D),
     key/value (total_k, Hkv, D) -> (out (total_q, Hq, D), lse (Hq, total_q)). Dropout keeps
@@ -101,7 +124,8 @@ def varlen_reference(
             keep = dropout_keep[b]
         elif dropout_p > 0:
             keep = torch.rand((1, q.shape[1], q.shape[2], k.shape[2]), generator=generator).to(q.device) >= dropout_p
-        out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p)
+        out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p,
+                                       window=window)
         outs.append(out[0].transpose(0, 1))  # (Sq_b, Hq, D)
         lses.append(lse[0])  # (Hq, Sq_b)
     return torch.cat(outs), torch.cat(lses, dim=1)

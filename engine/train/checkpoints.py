@@ -268,9 +268,10 @@ class Checkpoints:
                                "with the settings that wrote it, or use a new out_dir")
         sharded = (folder / ".metadata").is_file()
         if sharded != is_sharded(model):
-            raise RuntimeError(f"{folder} holds a {'sharded' if sharded else 'whole'} model, this run's is "
-                               f"{'sharded' if is_sharded(model) else 'whole'}: resume it with the train.parallel "
-                               "that wrote it")
+            written = state.get("world", 1)
+            raise RuntimeError(f"{folder} holds a {'sharded' if sharded else 'whole'} model written by {written} "
+                               f"process(es); this run's model is {'sharded' if is_sharded(model) else 'whole'} on "
+                               f"{world}: resume it with the train.parallel and process count that wrote it")
         if sharded:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))

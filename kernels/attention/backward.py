@@ -11,7 +11,8 @@ from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
     NO_MASK, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
-    _sequences, _tile_mask, check, dropout_scale, flags, head_block, mask_args, tiles, unit_last_stride,
+    _sequences, _tile_mask, _window_keys, _window_rows, check, dropout_scale, flags, head_block, mask_args, tiles,
+    unit_last_stride, window_args,
 )
 
 
@@ -64,9 +65,10 @@ def _attn_bwd_dkdv_kernel(
     num_heads, group_size, num_kv_heads,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
+    window_left, window_right,  # the sliding window (WINDOW), as in forward
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr,
     ACCUMULATE_DQ: tl.constexpr,  # FlashAttention-2's scheme: dQ from these tiles too (no dQ kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -92,6 +94,10 @@ def _attn_bwd_dkdv_kernel(
     begin = 0
     if IS_CAUSAL:  # queries before this block's first visible row see none of its keys
         begin = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    # only the query rows whose window reaches this key block
+    row_begin, row_end = _window_rows(begin, seqlen_q, pid_n * BLOCK_N, (pid_n + 1) * BLOCK_N, causal_offset,
+                                      window_left, window_right, WINDOW)
+    row_begin = tl.maximum(row_begin, 0) // BLOCK_M * BLOCK_M
     processed = 0
     for member in range(0, group_size):  # every query head that shares this key/value head
         head = kv_head.to(tl.int64) * group_size + member
@@ -103,10 +109,11 @@ def _attn_bwd_dkdv_kernel(
         # a key padding mask that hides this whole key block leaves no query rows to visit
         first, end = _live_keys(Mask, mask_offset, stride_mn, pid_n * BLOCK_N,
                                 tl.minimum(seqlen_k, (pid_n + 1) * BLOCK_N), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
-        for start_m in range(begin, tl.where(first < end, seqlen_q, begin), BLOCK_M):
+        for start_m in range(row_begin, tl.where(first < end, row_end, row_begin), BLOCK_M):
             rows = start_m + rows_in_block
             visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                       causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+                                       causal_offset, window_left, window_right, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
+                                       WINDOW)
             row_mask = rows < seqlen_q
             q_tokens = (q_start + rows).to(tl.int64)
             qd_mask = row_mask[:, None] & dim_mask[None, :]
@@ -159,9 +166,10 @@ def _attn_bwd_dq_kernel(
     num_heads, group_size,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
+    window_left, window_right,  # the sliding window (WINDOW), as in forward
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
@@ -177,6 +185,7 @@ def _attn_bwd_dq_kernel(
     mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
     first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
                                                                       IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
+    first, end = _window_keys(first, end, pid_m, causal_offset, window_left, window_right, BLOCK_M, WINDOW)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
@@ -199,7 +208,7 @@ def _attn_bwd_dq_kernel(
     for start_n in range(first // BLOCK_N * BLOCK_N, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+                                   causal_offset, window_left, window_right, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, WINDOW)
         kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
         k_tokens = (k_start + cols).to(tl.int64)
         k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
@@ -238,6 +247,7 @@ def attention_backward(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     deterministic: bool = False,
+    window: tuple[int, int] | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo.
@@ -256,7 +266,7 @@ def attention_backward(
     if layout.empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)
@@ -271,7 +281,7 @@ def attention_backward(
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
     shared = strides[:12]  # q, k, v, do
-    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed)
+    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window))
     launches = [
         ("attention_bwd_dkdv", "dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),

@@ -35,14 +35,19 @@ def _tile_mask(
     stride_mm, stride_mn,  # mask strides over query rows and key columns (0 where broadcast)
     rows, cols,  # (BLOCK_M,) query and (BLOCK_N,) key positions within the sequence
     seqlen_q, seqlen_k, causal_offset,  # key j is visible to query i when j <= i + causal_offset
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    window_left, window_right,  # WINDOW: key j is visible to query i when -left <= j - (i + offset) <= right
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """(visible, bias): (BLOCK_M, BLOCK_N) booleans, True where query i may see key j (in range,
-    causal, boolean mask), and the additive mask's fp32 values (0.0 without one)."""
+    causal, inside the sliding window, boolean mask), and the additive mask's fp32 values (0.0
+    without one)."""
     in_range = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
     visible = in_range
     if IS_CAUSAL:
         visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+    if WINDOW:
+        distance = cols[None, :] - (rows[:, None] + causal_offset)
+        visible = visible & (distance >= -window_left) & (distance <= window_right)
     bias = 0.0
     if HAS_MASK:
         m = tl.load(Mask + mask_offset + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :] * stride_mn,
@@ -198,6 +203,28 @@ def _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, IS_CAUSAL: 
     if IS_CAUSAL:
         end = tl.maximum(tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + causal_offset), 0)
     return end
+
+
+@triton.jit
+def _window_keys(first, end, pid_m, causal_offset, window_left, window_right, BLOCK_M: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """[first, end) narrowed to the keys the sliding window lets some query of block pid_m see:
+    the loops skip every key tile outside it (work linear in the sequence for a fixed window)."""
+    if WINDOW:
+        first = tl.maximum(first, pid_m * BLOCK_M + causal_offset - window_left)
+        end = tl.minimum(end, (pid_m + 1) * BLOCK_M + causal_offset + window_right)
+        end = tl.maximum(end, first)
+    return first, end
+
+
+@triton.jit
+def _window_rows(begin, end, key_start, key_end, causal_offset, window_left, window_right, WINDOW: tl.constexpr):
+    """[begin, end) narrowed to the query rows whose window reaches keys [key_start, key_end)."""
+    if WINDOW:
+        begin = tl.maximum(begin, key_start - causal_offset - window_right)
+        end = tl.minimum(end, key_end - 1 - causal_offset + window_left + 1)
+        end = tl.maximum(end, begin)
+    return begin, end
 
 
 @triton.jit
@@ -441,15 +468,28 @@ def mask_args(mask: torch.Tensor, layout: Layout) -> tuple:
 
 
 def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
-          dtype: torch.dtype) -> dict:
-    """The compile-time arguments every attention kernel takes."""
+          dtype: torch.dtype, window: tuple[int, int] | None = None) -> dict:
+    """The compile-time arguments every attention kernel takes. A sliding window is aligned as
+    ``causal`` is, and bottom-right (FlashAttention's) without it."""
     return dict(
-        IS_CAUSAL=causal is not None, CAUSAL_BOTTOM_RIGHT=causal == "bottom_right", HAS_MASK=mask is not None,
+        IS_CAUSAL=causal is not None, HAS_MASK=mask is not None, WINDOW=window is not None,
+        CAUSAL_BOTTOM_RIGHT=causal == "bottom_right" or (causal is None and window is not None),
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
         # a mask every query row shares (key padding; any mask when Sq = 1): hidden key tiles skipped
         SKIP_HIDDEN=mask is not None and (mask.stride(-2) == 0 or mask.shape[-2] == 1),
         IS_VARLEN=layout.varlen, DOT_PRECISION=dot_precision(dtype),
     )
+
+
+UNBOUNDED = 2**30  # a window side with no limit (FlashAttention's -1): further than any sequence reaches
+
+
+def window_args(window: tuple[int, int] | None) -> tuple[int, int]:
+    """The kernels' (window_left, window_right): -1 (no limit) as UNBOUNDED; (0, 0) without a window
+    (unread: WINDOW is False)."""
+    if window is None:
+        return 0, 0
+    return tuple(UNBOUNDED if side < 0 else side for side in window)
 
 
 def dropout_scale(dropout_p: float) -> float:

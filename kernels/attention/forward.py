@@ -11,8 +11,8 @@ from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
     LN2, NO_DESCRIPTORS, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile,
-    _scores, _sequences, _tile_mask, check, dropout_scale, flags, kv_descriptors, mask_args, tiles, tma_applies,
-    unit_last_stride,
+    _scores, _sequences, _tile_mask, _window_keys, check, dropout_scale, flags, kv_descriptors, mask_args, tiles,
+    tma_applies, unit_last_stride, window_args,
 )
 
 _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
@@ -23,13 +23,13 @@ def _fwd_tile(
     acc, m_i, l_i,  # running (BLOCK_M, BLOCK_D) output, (BLOCK_M,) max (in the scores' units) and sum
     q, k_base, v_base, stride_ks, stride_vs,  # the query tile; this (batch, kv head)'s K and V
     KDesc, VDesc, batch, kv_head,  # K and V's (B, Hkv, Sk, D) tensor descriptors (TMA), and where this tile is
-    start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
+    start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
     Mask, mask_offset, stride_mm, stride_mn,
     sm_scale, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
     BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Fold key tile [start_n, start_n + BLOCK_N) into the online softmax. An interior tile
     (BOUNDARY False: in range, and below the causal diagonal for every row) needs no bounds or
@@ -37,7 +37,8 @@ def _fwd_tile(
     cols = start_n + tl.arange(0, BLOCK_N)
     if BOUNDARY or HAS_MASK:
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, IS_CAUSAL and BOUNDARY, HAS_MASK, MASK_IS_BOOL)
+                                   causal_offset, window_left, window_right, IS_CAUSAL and BOUNDARY, HAS_MASK,
+                                   MASK_IS_BOOL, WINDOW and BOUNDARY)
     else:
         visible, bias = True, 0.0
     k_tokens = (k_start + cols).to(tl.int64)
@@ -87,10 +88,11 @@ def _attn_fwd_kernel(
     num_heads, group_size,  # query heads, query heads per key/value head
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
+    window_left, window_right,  # the sliding window's reach before and after the diagonal (WINDOW)
     KDesc, VDesc,  # by keyword: K and V's tensor descriptors, blocks (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim bounds on interior tiles
     TMA: tl.constexpr,  # K and V read through KDesc and VDesc (padded layout; TMA on sm_90+)
     QUERY_MAJOR: tl.constexpr,  # grid (query blocks, batch * heads), the last (heaviest causal) blocks first
@@ -126,23 +128,28 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
                                                                       IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
+    first, end = _window_keys(first, end, pid_m, causal_offset, window_left, window_right, BLOCK_M, WINDOW)
     start = first // BLOCK_N * BLOCK_N
     interior_end = _interior_end(start, end, pid_m, seqlen_k, causal_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if WINDOW:  # every tile is checked against the window (a window tile-aligned could skip that)
+        interior_end = start
     processed = 0
     masked = 0
     for start_n in range(start, interior_end, BLOCK_N):  # stage 1: every key visible to every row
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed, pid_bh, q_start,
-                                  max_seqlen_k, dropout_p, dropout_scale, False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
-                                  NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed,
+                                  pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, False, IS_CAUSAL, HAS_MASK,
+                                  MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, WINDOW, BLOCK_N,
+                                  BLOCK_D)
         processed += 1
     for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed, pid_bh, q_start,
-                                  max_seqlen_k, dropout_p, dropout_scale, True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
-                                  NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed,
+                                  pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, True, IS_CAUSAL, HAS_MASK,
+                                  MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, WINDOW, BLOCK_N,
+                                  BLOCK_D)
         processed += 1
         masked += 1
 
@@ -181,11 +188,14 @@ def attention_forward(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    window: tuple[int, int] | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Sk, D), or packed (total, H, D) with
     cumulative starts. ``causal``: None, "top_left" or "bottom_right". ``mask``: bool (True =
-    attend) or additive, broadcastable to (B, Hq, Sq, Sk).
+    attend) or additive, broadcastable to (B, Hq, Sq, Sk). ``window``: (left, right), key j
+    visible to query i only when -left <= j - i - offset <= right (-1: no limit; offset as
+    ``causal`` aligns, bottom-right without it); key tiles outside every row's window are skipped.
 
     Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
     holds what rounding lse lost, for the backward, with an additive mask; None otherwise.
@@ -196,9 +206,9 @@ def attention_forward(
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
-    split_kv = decode.applies(q, k, mask, dropout_p, layout.varlen)
+    split_kv = window is None and decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
     if layout.empty:
         out.zero_(), lse.fill_(float("inf"))
@@ -221,7 +231,7 @@ def attention_forward(
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
-        scale, dropout_p, dropout_scale(dropout_p), seed,
+        scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window),
         **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
         QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
         **({"config_args": lambda tile: kv_descriptors(k, v, tile)} if tma else NO_DESCRIPTORS),

@@ -1,0 +1,127 @@
+"""Sliding-window attention in the fused kernels (FlashAttention's ``window_size``): forward and
+every gradient against the dense eager reference under the 2x-float64 rule, with causal (both
+alignments), masks, grouped-query heads, the deterministic backward, packed sequences and
+dropout; the key tiles outside every row's window skipped (work linear in the sequence)."""
+
+import pytest
+import torch
+
+import engine
+from engine.kernels import count_tiles
+from engine.ops import attention_reference, flash_attention, flash_attn_varlen
+from engine.ops.reference import varlen_reference
+from engine.testing import attention_inputs, check_against_torch, kernel_device, triton_launches
+
+KERNEL_DEVICE = kernel_device()
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if KERNEL_DEVICE == "cuda" else [])
+NAMES = ["output", "query.grad", "key.grad", "value.grad"]
+ALIGN = {False: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
+# (shape (B, Hq, Hkv, Sq, Sk, D), window, causal): windows narrower and wider than a tile, one-sided,
+# (0, 0) (each query its diagonal key only), Sq != Sk both ways, GQA, head dims not powers of two
+CASES = [
+    ((1, 2, 1, 200, 200, 32), (40, 0), False),
+    ((1, 2, 2, 150, 190, 48), (30, 10), True),
+    ((2, 4, 2, 130, 130, 16), (16, 16), "bottom_right"),
+    ((1, 1, 1, 100, 260, 64), (-1, 20), False),
+    ((1, 1, 1, 260, 100, 32), (70, -1), False),
+    ((1, 2, 1, 70, 70, 32), (0, 0), False),
+    ((1, 1, 1, 300, 300, 80), (130, 130), "top_left"),
+]
+
+
+def _ids(case):
+    shape, window, causal = case
+    return "b{}h{}kv{}q{}k{}d{}".format(*shape) + f"-w{window[0]}_{window[1]}-{causal}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_the_dense_reference(case, dtype):
+    shape, window, causal = case
+    launches = check_against_torch(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, window_size=window),
+        lambda q, k, v: attention_reference(q, k, v, causal=ALIGN[causal], window=window)[0],
+        *attention_inputs(shape, dtype), names=NAMES)
+    assert launches == {"attention_fwd": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1}
+
+
+def test_with_masks_and_the_deterministic_backward():
+    q, k, v = attention_inputs((2, 2, 1, 150, 150, 32), torch.float32)
+    padding = torch.ones(2, 1, 1, 150, dtype=torch.bool, device=KERNEL_DEVICE)
+    padding[1, ..., 100:] = False  # a key padding mask (its hidden tiles skipped too)
+    bias = torch.randn(2, 2, 150, 150, device=KERNEL_DEVICE)  # an additive mask
+    for mask in (padding, bias):
+        for deterministic in (False, True):
+            launches = check_against_torch(
+                lambda q, k, v: flash_attention(q, k, v, causal=True, window_size=(50, 0), attn_mask=mask,
+                                                deterministic=deterministic),
+                lambda q, k, v: attention_reference(q, k, v, causal="top_left", window=(50, 0), attn_mask=mask)[0],
+                q, k, v, names=NAMES)
+            assert launches["attention_bwd_dq" if deterministic else "attention_bwd_dkdv"] == 1
+
+
+def test_a_window_equals_its_dense_mask_exactly_dropout_included():
+    """The kernel given the window and the kernel given the same pattern as a boolean mask draw
+    the same dropout and add the same tiles (a skipped tile adds exactly nothing)."""
+    q, k, v = (t.requires_grad_() for t in attention_inputs((1, 2, 2, 200, 200, 32), torch.float32))
+    visible = torch.ones(200, 200, dtype=torch.bool, device=KERNEL_DEVICE).tril(0).triu(-60)
+    results = []
+    for options in (dict(window_size=(60, 0), causal=True), dict(attn_mask=visible)):
+        with triton_launches(), count_tiles() as tiles:
+            out = flash_attention(q, k, v, dropout_p=0.3, generator=torch.Generator(KERNEL_DEVICE).manual_seed(7),
+                                  **options)
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        results.append(((out, *grads), tiles))
+    (windowed, window_tiles), (masked, mask_tiles) = results
+    for a, b in zip(windowed, masked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert window_tiles["attention_fwd"] < mask_tiles["attention_fwd"]  # the dense mask visits every tile
+
+
+def test_the_work_grows_linearly_with_the_sequence_for_a_fixed_window():
+    def tiles(seqlen, window):
+        q, k, v = (t.requires_grad_() for t in attention_inputs((1, 1, 1, seqlen, seqlen, 16), torch.float32))
+        with triton_launches(), count_tiles() as counted:
+            out = flash_attention(q, k, v, causal=True, window_size=window)
+            out.backward(torch.ones_like(out))
+        return counted
+
+    # 64 x 64 tiles (the interpreter's): each query block sees its diagonal tile and the one before
+    # (the first block has none before it); each key block, the diagonal's and the one after
+    for seqlen in (512, 1024):
+        blocks = seqlen // 64
+        windowed, dense = tiles(seqlen, (64, 0)), tiles(seqlen, None)
+        assert windowed["attention_fwd"] == windowed["attention_bwd_dkdv"] == 2 * blocks - 1, windowed
+        assert dense["attention_fwd"] == blocks * (blocks + 1) // 2, dense  # causal without a window: quadratic
+
+
+def test_packed_sequences_take_the_window_per_sequence():
+    seqlens = [70, 130, 1]
+    cu = torch.tensor([0, 70, 200, 201], dtype=torch.int32, device=KERNEL_DEVICE)
+    q, k, v = (torch.randn(201, 2, 32, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3))
+    with triton_launches() as launches:
+        out = flash_attn_varlen(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True, window_size=(20, 0))
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref = varlen_reference(q, k, v, cu, cu, causal="top_left", window=(20, 0))[0]
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert launches["attention_fwd"] == 1
+
+
+def test_the_torch_backend_and_no_window_agree():
+    q, k, v = attention_inputs((1, 2, 2, 90, 90, 32), torch.float32)
+    with engine.use_backend("torch"):
+        eager = flash_attention(q, k, v, window_size=(10, 5))
+    with triton_launches():
+        fused = flash_attention(q, k, v, window_size=(10, 5))
+        unlimited, plain = flash_attention(q, k, v, window_size=(-1, -1)), flash_attention(q, k, v)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unlimited, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [(1,), (1, 2, 3), (-2, 0), (1.5, 0), "64", (True, 0)])
+def test_a_bad_window_is_refused_naming_it(window):
+    q, k, v = attention_inputs((1, 1, 1, 8, 8, 16), torch.float32)
+    with pytest.raises(ValueError, match="window_size must be"):
+        flash_attention(q, k, v, window_size=window)

@@ -45,7 +45,7 @@ def _attention_cases():
     cu = torch.tensor([0, 11, 19], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)
     plain = (q, k, v)
-    none = (-2, -2)  # no sliding window
+    none = (-2, -2, 0.0)  # no sliding window, no softcap
     return {
         "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False, *none),
         "causal, GQA, deterministic": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, True, *none),
@@ -53,9 +53,10 @@ def _attention_cases():
                                       *none),
         "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None, False, *none),
         "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None, False, *none),
-        "sliding window": (*plain, None, 0.2, None, 0.0, None, None, None, None, None, False, 6, 2),
+        "sliding window": (*plain, None, 0.2, None, 0.0, None, None, None, None, None, False, 6, 2, 0.0),
+        "softcap, causal": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False, -2, -2, 5.0),
         "packed": (packed[0][:19], packed[1][:23], packed[2][:23], None, 0.2, "top_left", 0.0, None, cu, cu_k, 11, 14,
-                   False, 4, 0),
+                   False, 4, 0, 0.0),
     }
 
 

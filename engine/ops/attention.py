@@ -44,11 +44,12 @@ def setup_attention_backward(ctx, inputs, output, keyword_only_inputs=None) -> N
     q, k, v, the output and the log-sum-exp (with its low part when there is an additive
     mask): memory linear in Sq."""
     (q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-     deterministic, window_left, window_right) = inputs
+     deterministic, window_left, window_right, softcap) = inputs
     out, lse, lse_lo = output
     ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k)
     ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q,
-                       max_seqlen_k=max_seqlen_k, deterministic=deterministic, window=(window_left, window_right))
+                       max_seqlen_k=max_seqlen_k, deterministic=deterministic, window=(window_left, window_right),
+                       softcap=softcap)
     ctx.mark_non_differentiable(lse, lse_lo)
 
 
@@ -64,8 +65,8 @@ def attention_backward(ctx, dout, _dlse, _dlse_lo):
 
         grads = library.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"],
                                       seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"],
-                                      o["deterministic"], *o["window"])
-    return *grads, *([None] * 12)
+                                      o["deterministic"], *o["window"], o["softcap"])
+    return *grads, *([None] * 13)
 
 
 def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k) -> list:
@@ -81,14 +82,16 @@ def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_se
             keep = backend.kernels().dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
                                                        o["dropout_p"], q.device)
         out, _ = attention_reference(q, k, v, causal=o["causal"], attn_mask=mask, scale=o["scale"],
-                                     dropout_keep=keep, dropout_p=o["dropout_p"], window=window)
+                                     dropout_keep=keep, dropout_p=o["dropout_p"], window=window,
+                                     softcap=o["softcap"])
     else:
         keep = None
         if o["dropout_p"] > 0:
             keep = _varlen_keep_masks(seed, q.shape[1], cu_seqlens_q, cu_seqlens_k, o["max_seqlen_k"],
                                       o["dropout_p"], q.device)
         out, _ = varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=o["causal"], scale=o["scale"],
-                                  dropout_p=o["dropout_p"], dropout_keep=keep, window=window)
+                                  dropout_p=o["dropout_p"], dropout_keep=keep, window=window,
+                                  softcap=o["softcap"])
     needed = ctx.needs_input_grad[:3]
     inputs = [t for t, need in zip((q, k, v), needed) if need]
     grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
@@ -218,6 +221,13 @@ def _check_window(op: str, window_size) -> tuple[int, int] | None:
     return None if tuple(window_size) == (-1, -1) else tuple(window_size)
 
 
+def _check_softcap(op: str, softcap) -> float:
+    """FlashAttention's ``softcap``: 0 for none, else a positive finite number."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+        raise InvalidArgument(f"{op}: softcap must be a finite number >= 0 (0: no softcapping), got {softcap!r}")
+    return float(softcap)
+
+
 def _deterministic(deterministic: bool | None) -> bool:
     return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
@@ -240,6 +250,7 @@ def flash_attention(
     generator: torch.Generator | None = None,
     deterministic: bool | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
 ):
     """Fused attention of query (B, Hq, Sq, D) over key/value (B, Hkv, Sk, D), Hq a multiple of Hkv.
 
@@ -248,7 +259,9 @@ def flash_attention(
     FlashAttention's sliding window (left, right): query i sees key j only when -left <= j - i -
     offset <= right (-1: no limit on that side), offset 0 or Sk - Sq as ``causal`` aligns, and
     Sk - Sq (bottom-right, as FlashAttention) without ``causal``; the kernel skips the key tiles
-    outside every row's window, so its work grows linearly with the sequence. Dropout draws its
+    outside every row's window, so its work grows linearly with the sequence. ``softcap`` > 0
+    (FlashAttention's, Gemma 2's): scores -> softcap * tanh(scores / softcap), after the scale
+    and before any mask, in forward and backward. Dropout draws its
     seed from ``generator`` (default: PyTorch's). ``deterministic``: the backward's scheme (None:
     ``torch.are_deterministic_algorithms_enabled()``; False, FlashAttention-2's atomics, is faster;
     True repeats bit for bit). Returns out (B, Hq, Sq, D), and with
@@ -266,20 +279,20 @@ def flash_attention(
     mask, alignment = _resolve_mask(op, attn_mask, _causal_alignment(causal), shape, query.device)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    window = _check_window(op, window_size)
+    window, softcap = _check_window(op, window_size), _check_softcap(op, softcap)
     if backend.choose(op, query.device, _kernel_refusal, query, key, value, mask) == "torch":
         keep = None
         if dropout_p > 0:
             keep = torch.rand(shape, generator=generator).to(query.device) >= dropout_p
         out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
-                                       dropout_keep=keep, dropout_p=dropout_p, window=window)
+                                       dropout_keep=keep, dropout_p=dropout_p, window=window, softcap=softcap)
     else:
         import engine.ops.library as library  # registers torch.ops.engine.* on first use (it imports Triton)
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, mask, scale, alignment, dropout_p, seed,
                                             None, None, None, None, _deterministic(deterministic),
-                                            *(NO_WINDOW if window is None else window))
+                                            *(NO_WINDOW if window is None else window), softcap)
     return (out, lse) if return_lse else out
 
 
@@ -318,12 +331,13 @@ def flash_attn_varlen(
     generator: torch.Generator | None = None,
     deterministic: bool | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
 ):
     """Attention over packed sequences: query (total_q, Hq, D), key/value (total_k, Hkv, D); sequence
     b holds tokens cu_seqlens[b]:cu_seqlens[b + 1] (int32, B + 1 entries). The kernel's work
     follows the real lengths (blocks past a sequence's end exit at once); the result equals the
-    padded computation. ``deterministic`` and ``window_size`` (per sequence) as for
-    ``flash_attention``. Returns out (total_q, Hq, D)
+    padded computation. ``deterministic``, ``window_size`` (per sequence) and ``softcap`` as
+    for ``flash_attention``. Returns out (total_q, Hq, D)
     [, lse (Hq, total_q)]."""
     op = "flash_attn_varlen"
     _check_qkv(op, query, key, value, gqa=False)
@@ -346,17 +360,18 @@ def flash_attn_varlen(
     alignment = _causal_alignment(causal)
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    window = _check_window(op, window_size)
+    window, softcap = _check_window(op, window_size), _check_softcap(op, softcap)
     if backend.choose(op, query.device, _kernel_refusal, query, key, value, None) == "torch":
         out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
-                                    dropout_p=dropout_p, generator=generator, window=window)
+                                    dropout_p=dropout_p, generator=generator, window=window, softcap=softcap)
     else:
         import engine.ops.library as library
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, None, scale, alignment, dropout_p, seed,
                                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            _deterministic(deterministic), *(NO_WINDOW if window is None else window))
+                                            _deterministic(deterministic), *(NO_WINDOW if window is None else window),
+                                            softcap)
     return (out, lse) if return_lse else out
 
 
@@ -444,5 +459,5 @@ def scaled_dot_product_attention(
 
     qkv = (query, key, value) if query.dim() == 4 else _as_4d(query, key, value)
     out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None,
-                                      torch.are_deterministic_algorithms_enabled(), *NO_WINDOW)
+                                      torch.are_deterministic_algorithms_enabled(), *NO_WINDOW, 0.0)
     return out if query.dim() == 4 else out.view_as(query)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

@@ -113,14 +113,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                   max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, window_left: int,
-                  window_right: int, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  window_right: int, softcap: float, *, validate: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out like q, lse fp32, lse_lo or absent): see engine.kernels.attention_forward.
     ``deterministic`` is the backward's scheme (engine.kernels.attention_backward); window sides
-    -2 mean no window (-1: that side unlimited)."""
+    -2 mean no window (-1: that side unlimited); softcap 0: none."""
     out, lse, lse_lo = kernels.attention_forward(
         q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        window=_window(window_left, window_right), validate=validate)
+        window=_window(window_left, window_right), softcap=softcap, validate=validate)
     return out, lse, lse.new_empty(_ABSENT) if lse_lo is None else lse_lo
 
 
@@ -130,13 +131,14 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                   max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, window_left: int,
-                  window_right: int, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  window_right: int, softcap: float, *, validate: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): see engine.kernels.attention_backward."""
     return kernels.attention_backward(
         dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic,
-        window=_window(window_left, window_right), validate=validate)
+        window=_window(window_left, window_right), softcap=softcap, validate=validate)
 
 
 

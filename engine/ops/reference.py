@@ -40,9 +40,11 @@ def attention_probs(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
     ``window`` (left, right): ``window_mask``, aligned as ``causal`` (bottom-right without it).
+    ``softcap`` > 0: scores -> softcap * tanh(scores / softcap) after the scale, before masks.
 
     query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. An additive mask is added
     in the wider of its dtype and the scores' (an fp32 finfo.min stays finite beside fp16 scores).
@@ -50,6 +52,8 @@ def attention_probs(
     key = key.repeat_interleave(query.shape[-3] // max(key.shape[-3], 1), -3)  # (B, Hq, Sk, D)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -80,15 +84,17 @@ def attention_reference(
     dropout_keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with the (B, Hq, Sq, Sk) softmax materialised, in the inputs' dtype.
 
     query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) with Hq a multiple of Hkv. ``dropout_keep``
     (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p);
-    ``window`` as for ``attention_probs``.
+    ``window`` and ``softcap`` as for ``attention_probs``.
     Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32; +inf for rows that see no key).
     """
-    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale, window=window)
+    probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale, window=window,
+                                 softcap=softcap)
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p) if dropout_p < 1 else probs * 0
     value = value.repeat_interleave(query.shape[-3] // max(value.shape[-3], 1), -3)  # (B, Hq, Sk, D)
@@ -108,6 +114,7 @@ def varlen_reference(
     dropout_keep: list[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_reference`` over packed sequences, one sequence at a time: query (total_q, Hq, D),
     key/value (total_k, Hkv, D) -> (out (total_q, Hq, D), lse (Hq, total_q)). Dropout keeps
@@ -125,7 +132,7 @@ def varlen_reference(
         elif dropout_p > 0:
             keep = torch.rand((1, q.shape[1], q.shape[2], k.shape[2]), generator=generator).to(q.device) >= dropout_p
         out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p,
-                                       window=window)
+                                       window=window, softcap=softcap)
         outs.append(out[0].transpose(0, 1))  # (Sq_b, Hq, D)
         lses.append(lse[0])  # (Hq, Sq_b)
     return torch.cat(outs), torch.cat(lses, dim=1)

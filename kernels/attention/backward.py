@@ -65,10 +65,10 @@ def _attn_bwd_dkdv_kernel(
     num_heads, group_size, num_kv_heads,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
-    window_left, window_right,  # the sliding window (WINDOW), as in forward
+    window_left, window_right, softcap,  # the sliding window (WINDOW) and the softcap (SOFTCAP), as in forward
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ACCUMULATE_DQ: tl.constexpr,  # FlashAttention-2's scheme: dQ from these tiles too (no dQ kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -124,7 +124,7 @@ def _attn_bwd_dkdv_kernel(
             if NATURAL:
                 lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
             delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
-            s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, True)
+            s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP)
             p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
@@ -135,6 +135,8 @@ def _attn_bwd_dkdv_kernel(
                 p_dropped = p
             dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:  # through softcap * tanh(x / softcap): d/dx = 1 - tanh^2
+                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
             if ACCUMULATE_DQ:  # the fifth matmul: this key block's share of dQ, summed across blocks
                 dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
@@ -166,10 +168,10 @@ def _attn_bwd_dq_kernel(
     num_heads, group_size,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
-    window_left, window_right,  # the sliding window (WINDOW), as in forward
+    window_left, window_right, softcap,  # the sliding window (WINDOW) and the softcap (SOFTCAP), as in forward
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
@@ -213,13 +215,15 @@ def _attn_bwd_dq_kernel(
         k_tokens = (k_start + cols).to(tl.int64)
         k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
         v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-        s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, True)
+        s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP)
         p = _probabilities(s, lse, lse_lo, NATURAL)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(Seed, pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         processed += 1
     dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
@@ -248,6 +252,7 @@ def attention_backward(
     max_seqlen_k: int | None = None,
     deterministic: bool = False,
     window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo.
@@ -266,7 +271,7 @@ def attention_backward(
     if layout.empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)
@@ -281,7 +286,7 @@ def attention_backward(
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
     shared = strides[:12]  # q, k, v, do
-    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window))
+    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window), softcap)
     launches = [
         ("attention_bwd_dkdv", "dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),

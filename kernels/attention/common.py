@@ -91,20 +91,30 @@ def _live_keys(
 def _scores(
     q, k,  # (BLOCK_M, BLOCK_D) query tile, (BLOCK_N, BLOCK_D) key tile
     bias, visible,  # from _tile_mask
-    sm_scale,
+    sm_scale, softcap,
     NATURAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # apply ``visible`` (False: every score of the tile is visible)
+    SOFTCAP: tl.constexpr,  # scores -> softcap * tanh(scores / softcap) (Gemma 2), before the mask
 ):
-    """(BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k + bias in natural-log
-    units when NATURAL (an additive mask), else scale * log2(e) * q.k (base 2)."""
+    """(s, t): (BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k (softcapped)
+    + bias in natural-log units when NATURAL (an additive mask), else times log2(e) (base 2); and
+    with SOFTCAP the tanh t, whose 1 - t^2 the backward needs (0.0 without)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if NATURAL:
+    t = 0.0
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp2(s * (sm_scale * 2.0 * LOG2E / softcap)) + 1.0)  # tanh(scale * q.k / softcap)
+        s = softcap * t
+        if NATURAL:
+            s = s + bias
+        else:
+            s = s * LOG2E
+    elif NATURAL:
         s = s * sm_scale + bias
     else:
         s = s * (sm_scale * LOG2E)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    return s
+    return s, t
 
 
 @triton.jit
@@ -468,11 +478,11 @@ def mask_args(mask: torch.Tensor, layout: Layout) -> tuple:
 
 
 def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
-          dtype: torch.dtype, window: tuple[int, int] | None = None) -> dict:
+          dtype: torch.dtype, window: tuple[int, int] | None = None, softcap: float = 0.0) -> dict:
     """The compile-time arguments every attention kernel takes. A sliding window is aligned as
     ``causal`` is, and bottom-right (FlashAttention's) without it."""
     return dict(
-        IS_CAUSAL=causal is not None, HAS_MASK=mask is not None, WINDOW=window is not None,
+        IS_CAUSAL=causal is not None, HAS_MASK=mask is not None, WINDOW=window is not None, SOFTCAP=softcap > 0,
         CAUSAL_BOTTOM_RIGHT=causal == "bottom_right" or (causal is None and window is not None),
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
         # a mask every query row shares (key padding; any mask when Sq = 1): hidden key tiles skipped

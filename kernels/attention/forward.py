@@ -25,11 +25,11 @@ def _fwd_tile(
     KDesc, VDesc, batch, kv_head,  # K and V's (B, Hkv, Sk, D) tensor descriptors (TMA), and where this tile is
     start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
     Mask, mask_offset, stride_mm, stride_mn,
-    sm_scale, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
+    sm_scale, softcap, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
     BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Fold key tile [start_n, start_n + BLOCK_N) into the online softmax. An interior tile
     (BOUNDARY False: in range, and below the causal diagonal for every row) needs no bounds or
@@ -55,7 +55,7 @@ def _fwd_tile(
     else:
         k = _load_tile(k_base, k_tokens, stride_ks, dims, dim_mask[None, :])
         v = _load_tile(v_base, k_tokens, stride_vs, dims, dim_mask[None, :])
-    s = _scores(q, k, bias, visible, sm_scale, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK)
+    s, _ = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK, SOFTCAP)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     p = _exp(s - m_safe[:, None], NATURAL)
@@ -89,10 +89,11 @@ def _attn_fwd_kernel(
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     window_left, window_right,  # the sliding window's reach before and after the diagonal (WINDOW)
+    softcap,  # scores -> softcap * tanh(scores / softcap) (SOFTCAP)
     KDesc, VDesc,  # by keyword: K and V's tensor descriptors, blocks (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr,
+    SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim bounds on interior tiles
     TMA: tl.constexpr,  # K and V read through KDesc and VDesc (padded layout; TMA on sm_90+)
     QUERY_MAJOR: tl.constexpr,  # grid (query blocks, batch * heads), the last (heaviest causal) blocks first
@@ -138,18 +139,18 @@ def _attn_fwd_kernel(
     for start_n in range(start, interior_end, BLOCK_N):  # stage 1: every key visible to every row
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed,
-                                  pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, False, IS_CAUSAL, HAS_MASK,
-                                  MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, WINDOW, BLOCK_N,
-                                  BLOCK_D)
+                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
+                                  softcap, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, False,
+                                  IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA,
+                                  WINDOW, SOFTCAP, BLOCK_N, BLOCK_D)
         processed += 1
     for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale, Seed,
-                                  pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, True, IS_CAUSAL, HAS_MASK,
-                                  MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, WINDOW, BLOCK_N,
-                                  BLOCK_D)
+                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
+                                  softcap, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, True,
+                                  IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA,
+                                  WINDOW, SOFTCAP, BLOCK_N, BLOCK_D)
         processed += 1
         masked += 1
 
@@ -189,6 +190,7 @@ def attention_forward(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Sk, D), or packed (total, H, D) with
@@ -196,6 +198,7 @@ def attention_forward(
     attend) or additive, broadcastable to (B, Hq, Sq, Sk). ``window``: (left, right), key j
     visible to query i only when -left <= j - i - offset <= right (-1: no limit; offset as
     ``causal`` aligns, bottom-right without it); key tiles outside every row's window are skipped.
+    ``softcap`` > 0: scores -> softcap * tanh(scores / softcap) after scaling, before the mask.
 
     Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
     holds what rounding lse lost, for the backward, with an additive mask; None otherwise.
@@ -206,9 +209,9 @@ def attention_forward(
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
-    split_kv = window is None and decode.applies(q, k, mask, dropout_p, layout.varlen)
+    split_kv = window is None and not softcap and decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
     if layout.empty:
         out.zero_(), lse.fill_(float("inf"))
@@ -231,7 +234,7 @@ def attention_forward(
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
-        scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window),
+        scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window), softcap,
         **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
         QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
         **({"config_args": lambda tile: kv_descriptors(k, v, tile)} if tma else NO_DESCRIPTORS),

@@ -2,8 +2,8 @@
 run through the interpreter (which otherwise takes one 64 x 64 tile) or on the GPU: block sizes
 decide the causal stages, the masks at sequence ends and the numerics, so each (BLOCK_M, BLOCK_N)
 of the forward's, the dK/dV kernel's and the dQ kernel's lists is checked against the float64
-rule, causal both ways, with and without a sliding window, with lengths that are no multiple of
-any block and a head dim that is no power of two."""
+rule, causal both ways, with and without a sliding window and a softcap, with lengths that are no
+multiple of any block and a head dim that is no power of two."""
 
 import pytest
 import torch
@@ -42,11 +42,15 @@ def test_every_gpu_tile_matches_the_reference(kernel, block, causal, monkeypatch
 
     monkeypatch.setattr(forward if kernel == "forward" else backward, "tiles", one_tile)
     deterministic = kernel == "dq"
-    # GQA, head dim 40; a KV-cache-like Sq < Sk; a sliding window narrower than some tiles, wider than others
-    for shape, window in (((1, 2, 1, 75, 75, 40), None), ((1, 2, 2, 21, 90, 64), None), ((1, 2, 1, 75, 75, 40), (24, 8))):
+    # GQA, head dim 40; a KV-cache-like Sq < Sk; a sliding window narrower than some tiles, wider than
+    # others, with softcapped scores
+    for shape, window, softcap in (((1, 2, 1, 75, 75, 40), None, 0.0), ((1, 2, 2, 21, 90, 64), None, 0.0),
+                                   ((1, 2, 1, 75, 75, 40), (24, 8), 2.0)):
         q, k, v = attention_inputs(shape, torch.float32)
         launches = check_against_torch(
-            lambda q, k, v: flash_attention(q, k, v, causal=causal, deterministic=deterministic, window_size=window),
-            lambda q, k, v: attention_reference(q, k, v, causal=causal, window=window)[0], q, k, v, names=NAMES)
+            lambda q, k, v: flash_attention(q, k, v, causal=causal, deterministic=deterministic, window_size=window,
+                                            softcap=softcap),
+            lambda q, k, v: attention_reference(q, k, v, causal=causal, window=window, softcap=softcap)[0], q, k, v,
+            names=NAMES)
         assert launches["attention_fwd"] == 1 and launches["attention_bwd_dkdv"] == 1
         assert launches["attention_bwd_dq"] == deterministic

@@ -91,7 +91,8 @@ def test_ops_called_through_torch_check_their_arguments():
                                   None)
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="dropout needs a"):
-        torch.ops.engine.attention_fwd(q, q, q, None, 0.25, None, 0.5, None, None, None, None, None, False, -2, -2)
+        torch.ops.engine.attention_fwd(q, q, q, None, 0.25, None, 0.5, None, None, None, None, None, False, -2, -2,
+                                       0.0)
     with pytest.raises(TypeError, match="dtype must be one of"):
         torch.ops.engine.attention_fwd(q.double(), q.double(), q.double(), None, 0.25, None, 0.0, None, None, None,
-                                       None, None, False, -2, -2)
+                                       None, None, False, -2, -2, 0.0)

@@ -1,7 +1,8 @@
-"""Sliding-window attention in the fused kernels (FlashAttention's ``window_size``): forward and
-every gradient against the dense eager reference under the 2x-float64 rule, with causal (both
-alignments), masks, grouped-query heads, the deterministic backward, packed sequences and
-dropout; the key tiles outside every row's window skipped (work linear in the sequence)."""
+"""Attention variants in the fused kernels, FlashAttention's arguments: sliding windows
+(``window_size``) and softcapped scores (``softcap``, Gemma 2). Forward and every gradient against
+the dense eager reference under the 2x-float64 rule, with causal (both alignments), masks,
+grouped-query heads, the deterministic backward, packed sequences and dropout; the key tiles
+outside every row's window skipped (work linear in the sequence)."""
 
 import pytest
 import torch
@@ -125,3 +126,51 @@ def test_a_bad_window_is_refused_naming_it(window):
     q, k, v = attention_inputs((1, 1, 1, 8, 8, 16), torch.float32)
     with pytest.raises(ValueError, match="window_size must be"):
         flash_attention(q, k, v, window_size=window)
+
+
+# (shape, softcap, options): caps that saturate most scores (1.0) and few (30.0, Gemma 2's value
+# for attention was 50), with causal, a window, an additive mask (natural-log scores), GQA
+SOFTCAP_CASES = [
+    ((1, 2, 2, 97, 97, 32), 1.0, {}),
+    ((2, 4, 2, 70, 130, 64), 30.0, dict(causal="bottom_right")),
+    ((1, 2, 1, 150, 150, 48), 2.0, dict(causal=True, window_size=(40, 0))),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SOFTCAP_CASES, ids=lambda c: f"cap{c[1]}-" + "-".join(map(str, c[2].values())))
+def test_softcap_matches_the_dense_reference(case, dtype):
+    shape, softcap, options = case
+    q, k, v = attention_inputs(shape, dtype)
+    q = (q * 4).detach().requires_grad_()  # scores large enough for tanh to bend them
+    reference = dict(causal=ALIGN[options.get("causal", False)], window=options.get("window_size"))
+    launches = check_against_torch(
+        lambda q, k, v: flash_attention(q, k, v, softcap=softcap, **options),
+        lambda q, k, v: attention_reference(q, k, v, softcap=softcap, **reference)[0], q, k, v, names=NAMES)
+    assert launches == {"attention_fwd": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1}
+
+
+def test_softcap_with_an_additive_mask_the_deterministic_backward_and_packed_sequences():
+    q, k, v = attention_inputs((2, 2, 2, 80, 80, 32), torch.float32)
+    q = (q * 4).detach().requires_grad_()
+    bias = torch.randn(2, 1, 80, 80, device=KERNEL_DEVICE)
+    launches = check_against_torch(
+        lambda q, k, v: flash_attention(q, k, v, softcap=1.5, attn_mask=bias, deterministic=True),
+        lambda q, k, v: attention_reference(q, k, v, softcap=1.5, attn_mask=bias)[0], q, k, v, names=NAMES)
+    assert launches["attention_bwd_dq"] == 1
+    cu = torch.tensor([0, 30, 80], dtype=torch.int32, device=KERNEL_DEVICE)
+    packed = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]  # (80, H, D)
+    with triton_launches() as counted:
+        out = flash_attn_varlen(*packed, cu, cu, 50, 50, causal=True, softcap=1.5)
+        grads = torch.autograd.grad(out, packed, torch.ones_like(out))
+    ref = varlen_reference(*packed, cu, cu, causal="top_left", softcap=1.5)[0]
+    for a, b in zip((out, *grads), (ref, *torch.autograd.grad(ref, packed, torch.ones_like(ref)))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert counted["attention_fwd"] == 1
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("inf"), float("nan"), "5", True])
+def test_a_bad_softcap_is_refused_naming_it(softcap):
+    q, k, v = attention_inputs((1, 1, 1, 8, 8, 16), torch.float32)
+    with pytest.raises(ValueError, match="softcap must be"):
+        flash_attention(q, k, v, softcap=softcap)

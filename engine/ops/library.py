@@ -103,11 +103,6 @@ def norm_bwd(dy: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor | None
             dx.new_empty(_ABSENT) if dbias is None else dbias)
 
 
-def _window(left: int, right: int) -> tuple[int, int] | None:
-    """The kernels' window from the op's two sides; engine.ops.attention.NO_WINDOW: None."""
-    return None if (left, right) == _attention.NO_WINDOW else (left, right)
-
-
 @_kernel_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
@@ -121,7 +116,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     out, lse, lse_lo = kernels.attention_forward(
         q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        window=_window(window_left, window_right), softcap=softcap, validate=validate)
+        window=None if (window_left, window_right) == _attention.NO_WINDOW else (window_left, window_right),
+        softcap=softcap, validate=validate)
     return out, lse, lse.new_empty(_ABSENT) if lse_lo is None else lse_lo
 
 
@@ -138,7 +134,8 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic,
-        window=_window(window_left, window_right), softcap=softcap, validate=validate)
+        window=None if (window_left, window_right) == _attention.NO_WINDOW else (window_left, window_right),
+        softcap=softcap, validate=validate)
 
 
 

@@ -10,9 +10,9 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
-    NO_MASK, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores, _sequence_bounds,
-    _sequences, _tile_mask, _window_keys, _window_rows, check, dropout_scale, flags, head_block, mask_args, tiles,
-    unit_last_stride, window_args,
+    NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores,
+    _sequence_bounds, _sequences, _tile_mask, _window_keys, _window_rows, check, dropout_scale, flags, head_block,
+    mask_args, tiles, unit_last_stride, window_args,
 )
 
 
@@ -286,7 +286,8 @@ def attention_backward(
         IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
     )
     shared = strides[:12]  # q, k, v, do
-    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window), softcap)
+    scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed,
+               *(NO_WINDOW_ARGS if window is None else window_args(window)), softcap)
     launches = [
         ("attention_bwd_dkdv", "dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),

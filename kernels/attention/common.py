@@ -494,12 +494,13 @@ def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dro
 UNBOUNDED = 2**30  # a window side with no limit (FlashAttention's -1): further than any sequence reaches
 
 
-def window_args(window: tuple[int, int] | None) -> tuple[int, int]:
-    """The kernels' (window_left, window_right): -1 (no limit) as UNBOUNDED; (0, 0) without a window
-    (unread: WINDOW is False)."""
-    if window is None:
-        return 0, 0
-    return tuple(UNBOUNDED if side < 0 else side for side in window)
+NO_WINDOW_ARGS = (0, 0)  # the kernels' window sides without a window (unread: WINDOW is False)
+
+
+def window_args(window: tuple[int, int]) -> tuple[int, int]:
+    """The kernels' (window_left, window_right) for a window: -1 (no limit) as UNBOUNDED."""
+    left, right = window
+    return UNBOUNDED if left < 0 else left, UNBOUNDED if right < 0 else right
 
 
 def dropout_scale(dropout_p: float) -> float:

@@ -10,9 +10,9 @@ from engine.kernels._launch import cdiv, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
-    LN2, NO_DESCRIPTORS, NO_MASK, Layout, _dropout_keep, _exp, _interior_end, _keys_end, _live_keys, _load_tile,
-    _scores, _sequences, _tile_mask, _window_keys, check, dropout_scale, flags, kv_descriptors, mask_args, tiles,
-    tma_applies, unit_last_stride, window_args,
+    LN2, NO_DESCRIPTORS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
+    _live_keys, _load_tile, _scores, _sequences, _tile_mask, _window_keys, check, dropout_scale, flags,
+    kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride, window_args,
 )
 
 _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
@@ -234,7 +234,8 @@ def attention_forward(
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
-        scale, dropout_p, dropout_scale(dropout_p), seed, *window_args(window), softcap,
+        scale, dropout_p, dropout_scale(dropout_p), seed, *(NO_WINDOW_ARGS if window is None else window_args(window)),
+        softcap,
         **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
         QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
         **({"config_args": lambda tile: kv_descriptors(k, v, tile)} if tma else NO_DESCRIPTORS),

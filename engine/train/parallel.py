@@ -123,10 +123,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def local_tensors(state: dict) -> dict:
-    """``state`` with each DTensor replaced by this rank's local shard."""
-    from torch.distributed.tensor import DTensor
+    """``state`` with each DTensor replaced by this rank's local shard (engine.optim.local)."""
+    from engine.optim import local
 
-    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+    return {k: local(v) for k, v in state.items()}
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

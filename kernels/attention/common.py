@@ -232,7 +232,7 @@ def _window_rows(begin, end, key_start, key_end, causal_offset, window_left, win
     """[begin, end) narrowed to the query rows whose window reaches keys [key_start, key_end)."""
     if WINDOW:
         begin = tl.maximum(begin, key_start - causal_offset - window_right)
-        end = tl.minimum(end, key_end - 1 - causal_offset + window_left + 1)
+        end = tl.minimum(end, key_end - causal_offset + window_left)  # past the last row reaching key_end - 1
         end = tl.maximum(end, begin)
     return begin, end
 

@@ -141,13 +141,15 @@ def _norm_case(rms: bool, dtype: torch.dtype, width: int, residual: bool = False
 def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "top_left", heads: int = 2,
                     kv_heads: int = 2, mask: str | None = None, dropout_p: float = 0.0, varlen: bool = False,
                     seqlen_q: int = 128, deterministic: bool = False, window: tuple[int, int] | None = None,
-                    softcap: float = 0.0) -> Callable[[], None]:
+                    softcap: float = 0.0, alibi_and_sinks: bool = False) -> Callable[[], None]:
     def run():
         batch, seq = 2, 128 if seqlen_q == 128 else 1024  # a decode step reads a long cache
         q = torch.randn(batch, heads, seqlen_q, head_dim, dtype=dtype)
         k, v = (torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype) for _ in range(2))
         options = dict(scale=head_dim ** -0.5, causal=causal, dropout_p=dropout_p,
                        seed=torch.ones(1, dtype=torch.int64), window=window, softcap=softcap)
+        if alibi_and_sinks:
+            options |= dict(alibi_slopes=torch.rand(batch, heads), sinks=torch.zeros(heads, dtype=dtype))
         if mask == "bool":
             options["mask"] = torch.ones(batch, 1, 1, seq, dtype=torch.bool)
         elif mask == "additive":
@@ -188,6 +190,8 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     found["attention float16 head_dim 64, packed variable lengths"] = _attention_case(64, torch.float16, varlen=True)
     found["attention bfloat16 head_dim 128, GQA 8/2, sliding window (64, 0), softcap 50"] = _attention_case(
         128, torch.bfloat16, heads=8, kv_heads=2, window=(64, 0), softcap=50.0)
+    found["attention bfloat16 head_dim 128, GQA 8/2, ALiBi per batch and head, sinks, bottom-right"] = (
+        _attention_case(128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, alibi_and_sinks=True))
     for dtype, head_dim in ([(torch.bfloat16, 128), (torch.float32, 256)] if quick else
                             [(dtype, d) for dtype in (torch.bfloat16, torch.float32) for d in (64, 128, 256)]):
         found[f"attention {str(dtype)[6:]} head_dim {head_dim}, deterministic backward"] = _attention_case(

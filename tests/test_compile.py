@@ -45,7 +45,9 @@ def _attention_cases():
     cu = torch.tensor([0, 11, 19], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)
     plain = (q, k, v)
-    none = (-2, -2, 0.0)  # no sliding window, no softcap
+    none = (-2, -2, 0.0, None, None)  # no sliding window, softcap, ALiBi or sinks
+    slopes = torch.rand(2, 4, device=DEVICE)
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
     return {
         "causal, GQA": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False, *none),
         "causal, GQA, deterministic": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, True, *none),
@@ -53,10 +55,12 @@ def _attention_cases():
                                       *none),
         "additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None, None, False, *none),
         "dropout": (*plain, None, 0.2, None, 0.3, seed, None, None, None, None, False, *none),
-        "sliding window": (*plain, None, 0.2, None, 0.0, None, None, None, None, None, False, 6, 2, 0.0),
-        "softcap, causal": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False, -2, -2, 5.0),
+        "sliding window": (*plain, None, 0.2, None, 0.0, None, None, None, None, None, False, 6, 2, 0.0, None, None),
+        "softcap, causal": (*plain, None, 0.2, "top_left", 0.0, None, None, None, None, None, False, -2, -2, 5.0, None, None),
+        "ALiBi per batch and head, sinks, additive mask": (*plain, additive, 0.2, None, 0.0, None, None, None, None,
+                                                           None, False, -2, -2, 0.0, slopes, sinks),
         "packed": (packed[0][:19], packed[1][:23], packed[2][:23], None, 0.2, "top_left", 0.0, None, cu, cu_k, 11, 14,
-                   False, 4, 0, 0.0),
+                   False, 4, 0, 0.0, slopes[0], sinks),
     }
 
 
@@ -79,8 +83,9 @@ def test_attention_ops_pass_opcheck(case):
     torch.library.opcheck(library.attention_fwd.op, args)
     out, lse, lse_lo = library.attention_fwd(*args)
     q, k, v = (t.detach() for t in args[:3])
+    sinks = None if args[-1] is None else args[-1].detach()
     torch.library.opcheck(library.attention_bwd.op, (torch.randn_like(out), q, k, v, out.detach(), lse, lse_lo,
-                                                  *args[3:]))
+                                                  *args[3:-1], sinks))
 
 
 def _optimizer_parameters():

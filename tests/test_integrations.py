@@ -3,6 +3,7 @@ packaged MiniLM on IMDb (trainer_worker.py): the same losses as the plain Traine
 patch, FusedAdamW and fused clip at work, an accuracy above chance, and the same curve as the
 plain Trainer under ``accelerate launch`` with 2 CPU processes (DDP)."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -76,3 +77,20 @@ def test_engine_trainer_keeps_an_optimizer_it_is_given_and_needs_a_model(tmp_pat
     trainer = EngineTrainer(model=model, args=args, optimizers=(sgd, None))
     assert trainer.optimizer is sgd and trainer.optimizer_cls_and_kwargs is None
     assert trainer.patch_report.counts() == {"LayerNorm": 1}  # patched all the same
+
+
+def test_the_checkout_root_does_not_shadow_hugging_faces_kernels_package():
+    """From a checkout's root the kernels/ folder is importable as ``kernels``, transformers' hub
+    kernels package's name: importing that name gives the installed package (transformers
+    imports it), and engine.kernels stays the engine's."""
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hugging Face kernels package is not installed")
+    root = Path(__file__).resolve().parents[1]
+    script = ("import kernels, engine.kernels; print(kernels.__file__); print(engine.kernels.__file__); "
+              "print(hasattr(kernels, 'kernelize'))")
+    lines = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert not lines[0].startswith(str(root)) and lines[1] == str(root / "kernels" / "__init__.py")
+    assert lines[2] == "True"

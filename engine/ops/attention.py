@@ -44,9 +44,9 @@ def setup_attention_backward(ctx, inputs, output, keyword_only_inputs=None) -> N
     q, k, v, the output and the log-sum-exp (with its low part when there is an additive
     mask): memory linear in Sq."""
     (q, k, v, mask, scale, causal, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-     deterministic, window_left, window_right, softcap) = inputs
+     deterministic, window_left, window_right, softcap, alibi_slopes, sinks) = inputs
     out, lse, lse_lo = output
-    ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
     ctx.options = dict(scale=scale, causal=causal, dropout_p=dropout_p, max_seqlen_q=max_seqlen_q,
                        max_seqlen_k=max_seqlen_k, deterministic=deterministic, window=(window_left, window_right),
                        softcap=softcap)
@@ -55,45 +55,49 @@ def setup_attention_backward(ctx, inputs, output, keyword_only_inputs=None) -> N
 
 def attention_backward(ctx, dout, _dlse, _dlse_lo):
     """torch.ops.engine.attention_fwd's backward: the attention_bwd kernel, or the eager reference
-    under create_graph."""
-    q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    under create_graph. Gradients for q, k, v and the sinks."""
+    q, k, v, out, lse, lse_lo, mask, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
-        grads = _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k)
+        dq, dk, dv, dsinks = _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k,
+                                                      alibi_slopes, sinks)
     else:
         o = ctx.options
         import engine.ops.library as library
 
-        grads = library.attention_bwd(dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"],
-                                      seed, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"],
-                                      o["deterministic"], *o["window"], o["softcap"])
-    return *grads, *([None] * 13)
+        dq, dk, dv, dsinks = library.attention_bwd(
+            dout, q, k, v, out, lse, lse_lo, mask, o["scale"], o["causal"], o["dropout_p"], seed, cu_seqlens_q,
+            cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"], o["deterministic"], *o["window"], o["softcap"],
+            alibi_slopes, sinks)
+        dsinks = dsinks if sinks is not None and ctx.needs_input_grad[17] else None
+    return dq, dk, dv, *([None] * 14), dsinks
 
 
-def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k) -> list:
-    """dq, dk, dv as torch ops of the saved inputs (connected to the graph under create_graph):
-    the eager reference recomputes the forward, with the kernel's own dropout mask."""
+def _differentiable_backward(ctx, dout, q, k, v, mask, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                             sinks) -> list:
+    """dq, dk, dv, dsinks as torch ops of the saved inputs (connected to the graph under
+    create_graph): the eager reference recomputes the forward, with the kernel's own dropout mask."""
     o = ctx.options
-    window = None if o["window"] == NO_WINDOW else o["window"]
+    variants = dict(window=None if o["window"] == NO_WINDOW else o["window"], softcap=o["softcap"],
+                    alibi_slopes=alibi_slopes, sinks=sinks)
     # one view per argument, so that q, k and v given as one tensor get their own gradients
     q, k, v = (t.view_as(t) for t in (q, k, v))
+    sinks = variants["sinks"] = None if sinks is None else sinks.view_as(sinks)
     if cu_seqlens_q is None:
         keep = None
         if o["dropout_p"] > 0:
             keep = backend.kernels().dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
                                                        o["dropout_p"], q.device)
         out, _ = attention_reference(q, k, v, causal=o["causal"], attn_mask=mask, scale=o["scale"],
-                                     dropout_keep=keep, dropout_p=o["dropout_p"], window=window,
-                                     softcap=o["softcap"])
+                                     dropout_keep=keep, dropout_p=o["dropout_p"], **variants)
     else:
         keep = None
         if o["dropout_p"] > 0:
             keep = _varlen_keep_masks(seed, q.shape[1], cu_seqlens_q, cu_seqlens_k, o["max_seqlen_k"],
                                       o["dropout_p"], q.device)
         out, _ = varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=o["causal"], scale=o["scale"],
-                                  dropout_p=o["dropout_p"], dropout_keep=keep, window=window,
-                                  softcap=o["softcap"])
-    needed = ctx.needs_input_grad[:3]
-    inputs = [t for t, need in zip((q, k, v), needed) if need]
+                                  dropout_p=o["dropout_p"], dropout_keep=keep, **variants)
+    needed = (*ctx.needs_input_grad[:3], sinks is not None and ctx.needs_input_grad[17])
+    inputs = [t for t, need in zip((q, k, v, sinks), needed) if need]
     grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
     return [next(grads) if need else None for need in needed]
 
@@ -130,10 +134,12 @@ def _is_causal_bias(mask: torch.Tensor) -> bool:
 
 
 def _kernel_refusal(kernels: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    attn_mask: torch.Tensor | None) -> str | None:
+                    attn_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None = None,
+                    sinks: torch.Tensor | None = None) -> str | None:
     """Why the kernel cannot take these (already validated) arguments, or None."""
     attention = kernels.attention
-    for name, t in (("query", q), ("key", k), ("value", v), ("attn_mask", attn_mask)):
+    for name, t in (("query", q), ("key", k), ("value", v), ("attn_mask", attn_mask), ("alibi_slopes", alibi_slopes),
+                    ("sinks", sinks)):
         if t is not None and type(t) is not torch.Tensor and not _is_plain(t):
             return f"{name} is a {type(t).__name__}, a tensor subclass whose memory the kernel cannot read"
     if q.dtype not in attention.ATTENTION_DTYPES:
@@ -146,6 +152,8 @@ def _kernel_refusal(kernels: ModuleType, q: torch.Tensor, k: torch.Tensor, v: to
         return f"head dim {q.shape[-1]} outside [{attention.MIN_HEAD_DIM}, {attention.MAX_HEAD_DIM}]"
     if attn_mask is not None and attn_mask.requires_grad:
         return "attn_mask requires grad (the kernel gives no mask gradient)"
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        return "alibi_slopes requires grad (the kernel gives no slope gradient)"
     return None
 
 
@@ -228,6 +236,34 @@ def _check_softcap(op: str, softcap) -> float:
     return float(softcap)
 
 
+def _check_alibi(op: str, alibi_slopes, batch: int, heads: int, device) -> torch.Tensor | None:
+    """FlashAttention's ``alibi_slopes``: (heads,) or (batch, heads), as float32."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
+        raise InvalidArgument(f"{op}: alibi_slopes must be a floating-point tensor, got "
+                              f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise InvalidArgument(f"{op}: alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (query heads), "
+                              f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise InvalidArgument(f"{op}: alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+    return alibi_slopes.float()
+
+
+def _check_sinks(op: str, sinks, heads: int, device) -> torch.Tensor | None:
+    """gpt-oss's attention sinks: one logit per query head, (heads,), differentiable."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,):
+        raise InvalidArgument(f"{op}: sinks must be a floating-point tensor of shape ({heads},) (one logit per query "
+                              f"head), got {getattr(sinks, 'dtype', type(sinks).__name__)} "
+                              f"{tuple(getattr(sinks, 'shape', ()))}")
+    if sinks.device != device:
+        raise InvalidArgument(f"{op}: sinks is on {sinks.device} but query is on {device}")
+    return sinks.contiguous()
+
+
 def _deterministic(deterministic: bool | None) -> bool:
     return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
@@ -251,6 +287,8 @@ def flash_attention(
     deterministic: bool | None = None,
     window_size: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Fused attention of query (B, Hq, Sq, D) over key/value (B, Hkv, Sk, D), Hq a multiple of Hkv.
 
@@ -261,7 +299,11 @@ def flash_attention(
     Sk - Sq (bottom-right, as FlashAttention) without ``causal``; the kernel skips the key tiles
     outside every row's window, so its work grows linearly with the sequence. ``softcap`` > 0
     (FlashAttention's, Gemma 2's): scores -> softcap * tanh(scores / softcap), after the scale
-    and before any mask, in forward and backward. Dropout draws its
+    and before any mask, in forward and backward. ``alibi_slopes`` (FlashAttention's; BLOOM, MPT):
+    (Hq,) or (B, Hq) slopes, the score of query i and key j gaining -slope * |j - i - offset|
+    (offset as for the window), computed in the kernel, no gradient. ``sinks`` (gpt-oss's):
+    (Hq,) logits, one per head, each joining its rows' softmax as a key with no value (in the
+    log-sum-exp too), differentiable. Dropout draws its
     seed from ``generator`` (default: PyTorch's). ``deterministic``: the backward's scheme (None:
     ``torch.are_deterministic_algorithms_enabled()``; False, FlashAttention-2's atomics, is faster;
     True repeats bit for bit). Returns out (B, Hq, Sq, D), and with
@@ -280,19 +322,22 @@ def flash_attention(
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     window, softcap = _check_window(op, window_size), _check_softcap(op, softcap)
-    if backend.choose(op, query.device, _kernel_refusal, query, key, value, mask) == "torch":
+    alibi_slopes = _check_alibi(op, alibi_slopes, shape[0], shape[1], query.device)
+    sinks = _check_sinks(op, sinks, shape[1], query.device)
+    if backend.choose(op, query.device, _kernel_refusal, query, key, value, mask, alibi_slopes, sinks) == "torch":
         keep = None
         if dropout_p > 0:
             keep = torch.rand(shape, generator=generator).to(query.device) >= dropout_p
         out, lse = attention_reference(query, key, value, causal=alignment, attn_mask=mask, scale=scale,
-                                       dropout_keep=keep, dropout_p=dropout_p, window=window, softcap=softcap)
+                                       dropout_keep=keep, dropout_p=dropout_p, window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         import engine.ops.library as library  # registers torch.ops.engine.* on first use (it imports Triton)
 
         seed = dropout_seed(query.device, generator) if dropout_p > 0 else None
         out, lse, _ = library.attention_fwd(query, key, value, mask, scale, alignment, dropout_p, seed,
                                             None, None, None, None, _deterministic(deterministic),
-                                            *(NO_WINDOW if window is None else window), softcap)
+                                            *(NO_WINDOW if window is None else window), softcap, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -332,12 +377,14 @@ def flash_attn_varlen(
     deterministic: bool | None = None,
     window_size: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention over packed sequences: query (total_q, Hq, D), key/value (total_k, Hkv, D); sequence
     b holds tokens cu_seqlens[b]:cu_seqlens[b + 1] (int32, B + 1 entries). The kernel's work
     follows the real lengths (blocks past a sequence's end exit at once); the result equals the
-    padded computation. ``deterministic``, ``window_size`` (per sequence) and ``softcap`` as
-    for ``flash_attention``. Returns out (total_q, Hq, D)
+    padded computation. ``deterministic``, ``window_size`` (per sequence), ``softcap``,
+    ``alibi_slopes`` ((Hq,) or (B, Hq), per sequence) and ``sinks`` as for ``flash_attention``. Returns out (total_q, Hq, D)
     [, lse (Hq, total_q)]."""
     op = "flash_attn_varlen"
     _check_qkv(op, query, key, value, gqa=False)
@@ -361,9 +408,12 @@ def flash_attn_varlen(
     _check_dropout(op, dropout_p)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     window, softcap = _check_window(op, window_size), _check_softcap(op, softcap)
-    if backend.choose(op, query.device, _kernel_refusal, query, key, value, None) == "torch":
+    alibi_slopes = _check_alibi(op, alibi_slopes, cu_seqlens_q.numel() - 1, query.shape[1], query.device)
+    sinks = _check_sinks(op, sinks, query.shape[1], query.device)
+    if backend.choose(op, query.device, _kernel_refusal, query, key, value, None, alibi_slopes, sinks) == "torch":
         out, lse = varlen_reference(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=alignment, scale=scale,
-                                    dropout_p=dropout_p, generator=generator, window=window, softcap=softcap)
+                                    dropout_p=dropout_p, generator=generator, window=window, softcap=softcap,
+                                    alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         import engine.ops.library as library
 
@@ -371,7 +421,7 @@ def flash_attn_varlen(
         out, lse, _ = library.attention_fwd(query, key, value, None, scale, alignment, dropout_p, seed,
                                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             _deterministic(deterministic), *(NO_WINDOW if window is None else window),
-                                            softcap)
+                                            softcap, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -459,5 +509,5 @@ def scaled_dot_product_attention(
 
     qkv = (query, key, value) if query.dim() == 4 else _as_4d(query, key, value)
     out, _, _ = library.attention_fwd(*qkv, mask, scale, alignment, dropout_p, seed, None, None, None, None,
-                                      torch.are_deterministic_algorithms_enabled(), *NO_WINDOW, 0.0)
+                                      torch.are_deterministic_algorithms_enabled(), *NO_WINDOW, 0.0, None, None)
     return out if query.dim() == 4 else out.view_as(query)  # (B, Hq, L, E) back to (N, ..., Hq, L, E)

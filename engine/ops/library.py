@@ -108,8 +108,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                   max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, window_left: int,
-                  window_right: int, softcap: float, *, validate: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  window_right: int, softcap: float, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+                  *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out like q, lse fp32, lse_lo or absent): see engine.kernels.attention_forward.
     ``deterministic`` is the backward's scheme (engine.kernels.attention_backward); window sides
     -2 mean no window (-1: that side unlimited); softcap 0: none."""
@@ -117,7 +117,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         window=None if (window_left, window_right) == _attention.NO_WINDOW else (window_left, window_right),
-        softcap=softcap, validate=validate)
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, validate=validate)
     return out, lse, lse.new_empty(_ABSENT) if lse_lo is None else lse_lo
 
 
@@ -127,16 +127,16 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   causal: str | None, dropout_p: float, seed: torch.Tensor | None,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                   max_seqlen_q: int | None, max_seqlen_k: int | None, deterministic: bool, window_left: int,
-                  window_right: int, softcap: float, *, validate: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): see engine.kernels.attention_backward."""
-    return kernels.attention_backward(
+                  window_right: int, softcap: float, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+                  *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks or absent): see engine.kernels.attention_backward."""
+    dq, dk, dv, dsinks = kernels.attention_backward(
         dout, q, k, v, out, lse, scale=scale, lse_lo=lse_lo if lse_lo.dim() > 1 else None, causal=causal,
         mask=mask, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic,
         window=None if (window_left, window_right) == _attention.NO_WINDOW else (window_left, window_right),
-        softcap=softcap, validate=validate)
-
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, validate=validate)
+    return dq, dk, dv, dq.new_empty(_ABSENT) if dsinks is None else dsinks
 
 
 @_kernel_op("cross_entropy_rows", mutates=("logits",))

@@ -32,6 +32,17 @@ def window_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], alignment
     return visible
 
 
+def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, alignment: str) -> torch.Tensor:
+    """(B or 1, Hq, Sq, Sk) ALiBi bias -slope * |j - i - offset| for slopes (Hq,) or (B, Hq);
+    offset as ``causal_mask``'s."""
+    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
+    device = alibi_slopes.device
+    distance = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
+                - offset).abs()
+    slopes = alibi_slopes.view(-1 if alibi_slopes.dim() == 2 else 1, alibi_slopes.shape[-1], 1, 1)
+    return -slopes * distance
+
+
 def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -41,10 +52,15 @@ def attention_probs(
     scale: float | None = None,
     window: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention probabilities, materialised: (probs (B, Hq, Sq, Sk), lse (B, Hq, Sq, 1)).
     ``window`` (left, right): ``window_mask``, aligned as ``causal`` (bottom-right without it).
     ``softcap`` > 0: scores -> softcap * tanh(scores / softcap) after the scale, before masks.
+    ``alibi_slopes`` (Hq,) or (B, Hq): ``alibi_bias`` added after the softcap, aligned as the
+    window. ``sinks`` (Hq,): one more score per row (gpt-oss), in the softmax and the lse, with
+    no value.
 
     query (B, Hq, Sq, D), key (B, Hkv, Sk, D) with Hq a multiple of Hkv. An additive mask is added
     in the wider of its dtype and the scores' (an fp32 finfo.min stays finite beside fp16 scores).
@@ -54,6 +70,9 @@ def attention_probs(
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, scores.shape[-2], scores.shape[-1],
+                                     causal or "bottom_right").to(scores.dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -65,11 +84,16 @@ def attention_probs(
     if window is not None:
         visible = window_mask(scores.shape[-2], scores.shape[-1], window, causal or "bottom_right", scores.device)
         scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the sink: one more key per row, with no value
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
     empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key
     scores = scores.masked_fill(empty, 0.0)
     # softmax, not exp(scores - lse): lse rounds away log(sum) when a finite mask value such as
     # torch.finfo(dtype).min dominates a row
     probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
     return probs, torch.logsumexp(scores, dim=-1, keepdim=True).masked_fill(empty, float("inf"))
 
 
@@ -85,16 +109,18 @@ def attention_reference(
     dropout_p: float = 0.0,
     window: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with the (B, Hq, Sq, Sk) softmax materialised, in the inputs' dtype.
 
     query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) with Hq a multiple of Hkv. ``dropout_keep``
     (broadcastable to the scores) zeroes probabilities and rescales the rest by 1 / (1 - p);
-    ``window`` and ``softcap`` as for ``attention_probs``.
+    ``window``, ``softcap``, ``alibi_slopes`` and ``sinks`` as for ``attention_probs``.
     Returns (out (B, Hq, Sq, D), lse (B, Hq, Sq) float32; +inf for rows that see no key).
     """
     probs, lse = attention_probs(query, key, causal=causal, attn_mask=attn_mask, scale=scale, window=window,
-                                 softcap=softcap)
+                                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p) if dropout_p < 1 else probs * 0
     value = value.repeat_interleave(query.shape[-3] // max(value.shape[-3], 1), -3)  # (B, Hq, Sk, D)
@@ -115,9 +141,12 @@ def varlen_reference(
     generator: torch.Generator | None = None,
     window: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_reference`` over packed sequences, one sequence at a time: query (total_q, Hq, D),
-    key/value (total_k, Hkv, D) -> (out (total_q, Hq, D), lse (Hq, total_q)). Dropout keeps
+    key/value (total_k, Hkv, D) -> (out (total_q, Hq, D), lse (Hq, total_q)); (B, Hq) ALiBi
+    slopes give sequence b row b. Dropout keeps
     ``dropout_keep[b]`` ((1, Hq, Sq_b, Sk_b) per sequence) when given, else draws from
     ``generator``."""
     outs, lses = [], []
@@ -131,8 +160,9 @@ def varlen_reference(
             keep = dropout_keep[b]
         elif dropout_p > 0:
             keep = torch.rand((1, q.shape[1], q.shape[2], k.shape[2]), generator=generator).to(q.device) >= dropout_p
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         out, lse = attention_reference(q, k, v, causal=causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p,
-                                       window=window, softcap=softcap)
+                                       window=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
         outs.append(out[0].transpose(0, 1))  # (Sq_b, Hq, D)
         lses.append(lse[0])  # (Hq, Sq_b)
     return torch.cat(outs), torch.cat(lses, dim=1)

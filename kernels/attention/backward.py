@@ -10,8 +10,8 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
-    NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores,
-    _sequence_bounds, _sequences, _tile_mask, _window_keys, _window_rows, check, dropout_scale, flags, head_block,
+    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores,
+    _sequence_bounds, _sequences, _tile_mask, _window_keys, _window_rows, alibi_args, check, dropout_scale, flags, head_block,
     mask_args, tiles, unit_last_stride, window_args,
 )
 
@@ -21,12 +21,16 @@ def _attn_bwd_delta_kernel(
     O,  # like Q in forward
     DO,  # gradient of O, same layout
     Delta,  # out: like LSE, rowsum(dO * O) in fp32
+    LSE, LSE_LO,  # the forward's log-sum-exp (HAS_SINKS; LSE_LO also NATURAL)
+    Sinks,  # (Hq,) the forward's sink logits (HAS_SINKS)
+    DSinks,  # (B, Hq, query blocks) fp32 out: each block's share of the sinks' gradient (HAS_SINKS)
     stride_ob, stride_oh, stride_os,
     stride_dob, stride_doh, stride_dos,
     stride_lb, stride_lh,
     CuSeqlensQ,
     num_heads, max_seqlen_q, total_q, head_dim,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr, NATURAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
     pid_m = tl.program_id(1)
@@ -42,7 +46,15 @@ def _attn_bwd_delta_kernel(
     o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, tokens, stride_os, dims, mask)
     do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, tokens, stride_dos, dims, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows, delta, mask=rows < seqlen_q)
+    row_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + rows
+    tl.store(Delta + row_offset, delta, mask=rows < seqlen_q)
+    if HAS_SINKS:  # the sink is a key with no value: its score's gradient is -p_sink * delta
+        lse = tl.load(LSE + row_offset, mask=rows < seqlen_q, other=float("inf"))
+        lse_lo = 0.0
+        if NATURAL:
+            lse_lo = tl.load(LSE_LO + row_offset, mask=rows < seqlen_q, other=0.0)
+        p_sink = tl.exp((tl.load(Sinks + head).to(tl.float32) - lse) - lse_lo)
+        tl.store(DSinks + pid_bh.to(tl.int64) * tl.num_programs(1) + pid_m, -tl.sum(p_sink * delta, axis=0))
 
 
 @triton.jit
@@ -62,6 +74,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dqb, stride_dqh, stride_dqs,  # DQ (ACCUMULATE_DQ)
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    Alibi, stride_ab, stride_ah,  # ALiBi slopes (ALIBI), as in forward
     num_heads, group_size, num_kv_heads,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
@@ -69,6 +82,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,  # HAS_SINKS: read by the delta kernel only
     ACCUMULATE_DQ: tl.constexpr,  # FlashAttention-2's scheme: dQ from these tiles too (no dQ kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -106,14 +120,17 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         row_base = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
         mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + batch.to(tl.int64) * stride_ab + head * stride_ah)
         # a key padding mask that hides this whole key block leaves no query rows to visit
         first, end = _live_keys(Mask, mask_offset, stride_mn, pid_n * BLOCK_N,
                                 tl.minimum(seqlen_k, (pid_n + 1) * BLOCK_N), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
         for start_m in range(row_begin, tl.where(first < end, row_end, row_begin), BLOCK_M):
             rows = start_m + rows_in_block
             visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                       causal_offset, window_left, window_right, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
-                                       WINDOW)
+                                       causal_offset, window_left, window_right, slope, IS_CAUSAL, HAS_MASK,
+                                       MASK_IS_BOOL, WINDOW, ALIBI)
             row_mask = rows < seqlen_q
             q_tokens = (q_start + rows).to(tl.int64)
             qd_mask = row_mask[:, None] & dim_mask[None, :]
@@ -124,7 +141,7 @@ def _attn_bwd_dkdv_kernel(
             if NATURAL:
                 lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
             delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
-            s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP)
+            s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP, ALIBI)
             p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
@@ -165,6 +182,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs,
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    Alibi, stride_ab, stride_ah,  # ALiBi slopes (ALIBI), as in forward
     num_heads, group_size,
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
@@ -172,6 +190,7 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,  # HAS_SINKS: read by the delta kernel only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
@@ -185,6 +204,9 @@ def _attn_bwd_dq_kernel(
         return
 
     mask_offset = batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + batch.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah)
     first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
                                                                       IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
     first, end = _window_keys(first, end, pid_m, causal_offset, window_left, window_right, BLOCK_M, WINDOW)
@@ -210,12 +232,13 @@ def _attn_bwd_dq_kernel(
     for start_n in range(first // BLOCK_N * BLOCK_N, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, window_left, window_right, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, WINDOW)
+                                   causal_offset, window_left, window_right, slope, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
+                                   WINDOW, ALIBI)
         kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
         k_tokens = (k_start + cols).to(tl.int64)
         k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
         v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-        s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP)
+        s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP, ALIBI)
         p = _probabilities(s, lse, lse_lo, NATURAL)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -253,9 +276,13 @@ def attention_backward(
     deterministic: bool = False,
     window: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of ``attention_forward`` given dO, its inputs, out, lse and lse_lo.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients (dq, dk, dv, dsinks) of ``attention_forward`` given dO, its inputs, out, lse and
+    lse_lo; dsinks (like sinks) only with sinks, else None: each head's sum over its rows of
+    -p_sink * rowsum(dO * O), summed in a fixed order (repeatable).
 
     By default FlashAttention-2's scheme: the dK/dV kernel also forms each key block's share of
     dQ and adds it to an fp32 buffer with atomics (five matmuls per tile, no dQ kernel; the order
@@ -263,27 +290,30 @@ def attention_backward(
     ``deterministic=True`` runs dQ in its own kernel instead (seven matmuls, bitwise repeatable).
     ``validate=False`` skips ``check`` (for callers that checked)."""
     if validate:
-        check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+        check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed, alibi_slopes, sinks)
     q, k, v, out, do = unit_last_stride(q, k, v, out, do)
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(dk)  # the dK/dV kernel writes both through one set of strides
     if layout.empty:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), None if sinks is None else torch.zeros_like(sinks)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes, sinks)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)
     delta_rows = max(16, 4096 // block_d)  # O and dO tiles of 4096 elements, in registers
+    delta_grid = (layout.batch * layout.heads, cdiv(layout.seqlen_q, delta_rows))
+    sink_shares = None if sinks is None else torch.zeros(layout.batch, layout.heads, delta_grid[1],
+                                                         dtype=torch.float32, device=q.device)
     dq_sum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     strides = layout.strides(q, k, v, do, out, dk, dq if dq_sum is None else dq_sum)  # (batch, head, token) each
     launch(
-        "attention_bwd_delta", _attn_bwd_delta_kernel,
-        (layout.batch * layout.heads, cdiv(layout.seqlen_q, delta_rows)),
-        out, do, delta, *strides[12:15], *strides[9:12], *lse_strides, cu_seqlens_q,
+        "attention_bwd_delta", _attn_bwd_delta_kernel, delta_grid,
+        out, do, delta, lse, lse_lo, sinks, sink_shares, *strides[12:15], *strides[9:12], *lse_strides, cu_seqlens_q,
         layout.heads, layout.seqlen_q, layout.total_q, layout.head_dim,
-        IS_VARLEN=layout.varlen, BLOCK_M=delta_rows, BLOCK_D=block_d,
+        IS_VARLEN=layout.varlen, HAS_SINKS=sinks is not None, NATURAL=meta["NATURAL"], BLOCK_M=delta_rows,
+        BLOCK_D=block_d,
     )
     shared = strides[:12]  # q, k, v, do
     scalars = (*layout.sizes, scale, dropout_p, dropout_scale(dropout_p), seed,
@@ -304,7 +334,8 @@ def attention_backward(
         launch_tuned(
             name, kernel, tiles(layout.head_dim, q.dtype, kind), grid,
             q, k, v, do, *outputs, lse, lse_lo, delta, mask, cu_seqlens_q, cu_seqlens_k, counter,
-            *shared, *out_strides, *lse_strides, *mask_strides, *heads, *scalars,
+            *shared, *out_strides, *lse_strides, *mask_strides,
+            *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), *heads, *scalars,
             **meta, **extra, COUNT_TILES=counter is not None, sizes=(layout.seqlen_q, layout.seqlen_k),
             reset=(dq_sum,),  # the atomics' fp32 buffer, added to by every timing run
         )
@@ -312,4 +343,5 @@ def attention_backward(
             record_tiles(name, counter)
     if dq_sum is not None:
         dq.copy_(dq_sum.mul_(scale))
-    return dq, dk, dv
+    dsinks = None if sinks is None else sink_shares.sum((0, 2)).to(sinks.dtype)
+    return dq, dk, dv, dsinks

@@ -36,11 +36,13 @@ def _tile_mask(
     rows, cols,  # (BLOCK_M,) query and (BLOCK_N,) key positions within the sequence
     seqlen_q, seqlen_k, causal_offset,  # key j is visible to query i when j <= i + causal_offset
     window_left, window_right,  # WINDOW: key j is visible to query i when -left <= j - (i + offset) <= right
+    slope,  # ALIBI: this head's slope, the bias -slope * |j - (i + offset)|
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, WINDOW: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """(visible, bias): (BLOCK_M, BLOCK_N) booleans, True where query i may see key j (in range,
-    causal, inside the sliding window, boolean mask), and the additive mask's fp32 values (0.0
-    without one)."""
+    causal, inside the sliding window, boolean mask), and the fp32 bias in natural-log units:
+    the additive mask's values plus the ALiBi bias (0.0 without either)."""
     in_range = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
     visible = in_range
     if IS_CAUSAL:
@@ -56,6 +58,8 @@ def _tile_mask(
             visible = visible & (m != 0)
         else:
             bias = m.to(tl.float32)  # its -inf entries make the score -inf by themselves
+    if ALIBI:
+        bias = bias - slope * tl.abs(cols[None, :] - (rows[:, None] + causal_offset)).to(tl.float32)
     return visible, bias
 
 
@@ -94,22 +98,25 @@ def _scores(
     sm_scale, softcap,
     NATURAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # apply ``visible`` (False: every score of the tile is visible)
-    SOFTCAP: tl.constexpr,  # scores -> softcap * tanh(scores / softcap) (Gemma 2), before the mask
+    SOFTCAP: tl.constexpr,  # scores -> softcap * tanh(scores / softcap) (Gemma 2), before any bias
+    ALIBI: tl.constexpr,  # ``bias`` holds the ALiBi bias (with NATURAL, the additive mask's too)
 ):
     """(s, t): (BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k (softcapped)
-    + bias in natural-log units when NATURAL (an additive mask), else times log2(e) (base 2); and
-    with SOFTCAP the tanh t, whose 1 - t^2 the backward needs (0.0 without)."""
+    + bias, in natural-log units when NATURAL (an additive mask), else times log2(e) (base 2);
+    and with SOFTCAP the tanh t, whose 1 - t^2 the backward needs (0.0 without)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     t = 0.0
     if SOFTCAP:
         t = 1.0 - 2.0 / (tl.exp2(s * (sm_scale * 2.0 * LOG2E / softcap)) + 1.0)  # tanh(scale * q.k / softcap)
         s = softcap * t
-        if NATURAL:
+        if NATURAL or ALIBI:
             s = s + bias
-        else:
+        if not NATURAL:
             s = s * LOG2E
     elif NATURAL:
         s = s * sm_scale + bias
+    elif ALIBI:
+        s = (s * sm_scale + bias) * LOG2E
     else:
         s = s * (sm_scale * LOG2E)
     if MASKED:
@@ -419,7 +426,8 @@ def unit_last_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p: float, seed: torch.Tensor | None) -> None:
+def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p: float, seed: torch.Tensor | None,
+          alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> None:
     """The launchers' contract (the ops validate user input with clearer messages first)."""
     varlen = cu_seqlens_q is not None
     rank = 3 if varlen else 4
@@ -431,7 +439,8 @@ def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p: float, seed: tor
             raise TypeError(f"attention: {name} dtype must be one of {ATTENTION_DTYPES}, got {t.dtype}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_same_device("attention", q=q, k=k, v=v, mask=mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_same_device("attention", q=q, k=k, v=v, mask=mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      alibi_slopes=alibi_slopes, sinks=sinks)
     if k.shape != v.shape:
         raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     head_dim = q.shape[-1]
@@ -455,6 +464,15 @@ def check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p: float, seed: tor
     if dropout_p > 0 and (seed is None or seed.shape != (1,) or seed.dtype != torch.int64):
         raise ValueError(f"attention: dropout needs a (1,) int64 seed tensor, got "
                          f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32
+                                     or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads))):
+        raise ValueError(f"attention: alibi_slopes must be float32 ({heads},) or ({batch}, {heads}), got "
+                         f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
+    if sinks is not None and (tuple(sinks.shape) != (heads,) or not sinks.is_floating_point()
+                              or not sinks.is_contiguous()):
+        raise ValueError(f"attention: sinks must be a contiguous floating-point ({heads},) tensor, got "
+                         f"{sinks.dtype} {tuple(sinks.shape)}")
 
 
 NO_MASK = (None, (0, 0, 0, 0), False)  # mask_args without a mask
@@ -478,12 +496,15 @@ def mask_args(mask: torch.Tensor, layout: Layout) -> tuple:
 
 
 def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
-          dtype: torch.dtype, window: tuple[int, int] | None = None, softcap: float = 0.0) -> dict:
-    """The compile-time arguments every attention kernel takes. A sliding window is aligned as
-    ``causal`` is, and bottom-right (FlashAttention's) without it."""
+          dtype: torch.dtype, window: tuple[int, int] | None = None, softcap: float = 0.0,
+          alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> dict:
+    """The compile-time arguments every attention kernel takes. A sliding window and the ALiBi
+    distances are aligned as ``causal`` is, and bottom-right (FlashAttention's) without it."""
     return dict(
         IS_CAUSAL=causal is not None, HAS_MASK=mask is not None, WINDOW=window is not None, SOFTCAP=softcap > 0,
-        CAUSAL_BOTTOM_RIGHT=causal == "bottom_right" or (causal is None and window is not None),
+        ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
+        CAUSAL_BOTTOM_RIGHT=causal == "bottom_right" or (causal is None and (window is not None
+                                                                            or alibi_slopes is not None)),
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
         # a mask every query row shares (key padding; any mask when Sq = 1): hidden key tiles skipped
         SKIP_HIDDEN=mask is not None and (mask.stride(-2) == 0 or mask.shape[-2] == 1),
@@ -501,6 +522,16 @@ def window_args(window: tuple[int, int]) -> tuple[int, int]:
     """The kernels' (window_left, window_right) for a window: -1 (no limit) as UNBOUNDED."""
     left, right = window
     return UNBOUNDED if left < 0 else left, UNBOUNDED if right < 0 else right
+
+
+NO_ALIBI_ARGS = (None, 0, 0)  # the kernels' (Alibi, stride_ab, stride_ah) without ALiBi (unread)
+
+
+def alibi_args(alibi_slopes: torch.Tensor) -> tuple:
+    """(Alibi, batch stride, head stride) for fp32 slopes (Hq,) or (B, Hq)."""
+    if alibi_slopes.dim() == 1:
+        return alibi_slopes, 0, alibi_slopes.stride(0)
+    return alibi_slopes, *alibi_slopes.stride()
 
 
 def dropout_scale(dropout_p: float) -> float:

@@ -10,8 +10,8 @@ from engine.kernels._launch import cdiv, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
-    LN2, NO_DESCRIPTORS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
-    _live_keys, _load_tile, _scores, _sequences, _tile_mask, _window_keys, check, dropout_scale, flags,
+    LN2, LOG2E, NO_ALIBI_ARGS, NO_DESCRIPTORS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
+    _live_keys, _load_tile, _scores, _sequences, _tile_mask, _window_keys, alibi_args, check, dropout_scale, flags,
     kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride, window_args,
 )
 
@@ -23,22 +23,23 @@ def _fwd_tile(
     acc, m_i, l_i,  # running (BLOCK_M, BLOCK_D) output, (BLOCK_M,) max (in the scores' units) and sum
     q, k_base, v_base, stride_ks, stride_vs,  # the query tile; this (batch, kv head)'s K and V
     KDesc, VDesc, batch, kv_head,  # K and V's (B, Hkv, Sk, D) tensor descriptors (TMA), and where this tile is
-    start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
+    start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right, slope,
     Mask, mask_offset, stride_mm, stride_mn,
     sm_scale, softcap, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
     BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Fold key tile [start_n, start_n + BLOCK_N) into the online softmax. An interior tile
     (BOUNDARY False: in range, and below the causal diagonal for every row) needs no bounds or
-    causal arithmetic; only an explicit mask is still read."""
+    causal arithmetic; only an explicit mask (and the ALiBi bias) is still computed."""
     cols = start_n + tl.arange(0, BLOCK_N)
-    if BOUNDARY or HAS_MASK:
+    if BOUNDARY or HAS_MASK or ALIBI:
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, window_left, window_right, IS_CAUSAL and BOUNDARY, HAS_MASK,
-                                   MASK_IS_BOOL, WINDOW and BOUNDARY)
+                                   causal_offset, window_left, window_right, slope, IS_CAUSAL and BOUNDARY, HAS_MASK,
+                                   MASK_IS_BOOL, WINDOW and BOUNDARY, ALIBI)
     else:
         visible, bias = True, 0.0
     k_tokens = (k_start + cols).to(tl.int64)
@@ -55,7 +56,8 @@ def _fwd_tile(
     else:
         k = _load_tile(k_base, k_tokens, stride_ks, dims, dim_mask[None, :])
         v = _load_tile(v_base, k_tokens, stride_vs, dims, dim_mask[None, :])
-    s, _ = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK, SOFTCAP)
+    s, _ = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK, SOFTCAP,
+                   ALIBI)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     p = _exp(s - m_safe[:, None], NATURAL)
@@ -78,6 +80,7 @@ def _attn_fwd_kernel(
     LSE_LO,  # like LSE (NATURAL): what rounding LSE lost, so that LSE + LSE_LO is the exact sum
     Mask,  # bool/uint8 or float mask broadcast to (B, Hq, Sq, Sk) by its strides (HAS_MASK)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 (IS_VARLEN)
+    Sinks,  # (Hq,) attention sink logits, natural-log units, joining each row's softmax (HAS_SINKS)
     Tiles,  # (2,) int32: key tiles processed, and those of them masked, added up (COUNT_TILES)
     stride_qb, stride_qh, stride_qs,  # batch, head, token strides of Q (D has unit stride)
     stride_kb, stride_kh, stride_ks,
@@ -85,6 +88,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,  # LSE (and LSE_LO) batch and head strides (tokens have unit stride)
     stride_mb, stride_mh, stride_mm, stride_mn,  # mask strides (0 where broadcast)
+    Alibi, stride_ab, stride_ah,  # fp32 ALiBi slopes (Hq,) or (B, Hq), batch stride 0 when shared (ALIBI)
     num_heads, group_size,  # query heads, query heads per key/value head
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
@@ -94,6 +98,7 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim bounds on interior tiles
     TMA: tl.constexpr,  # K and V read through KDesc and VDesc (padded layout; TMA on sm_90+)
     QUERY_MAJOR: tl.constexpr,  # grid (query blocks, batch * heads), the last (heaviest causal) blocks first
@@ -126,6 +131,15 @@ def _attn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, in the scores' units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:  # the sink's score starts the softmax: exp(sink - max) in the sum, nothing in the output
+        sink = tl.load(Sinks + head).to(tl.float32)
+        if not NATURAL:
+            sink = sink * LOG2E
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + batch.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     first, end = _live_keys(Mask, mask_offset, stride_mn, 0, _keys_end(pid_m, seqlen_k, causal_offset, BLOCK_M,
                                                                       IS_CAUSAL), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
@@ -139,18 +153,18 @@ def _attn_fwd_kernel(
     for start_n in range(start, interior_end, BLOCK_N):  # stage 1: every key visible to every row
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
+                                  window_left, window_right, slope, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
                                   softcap, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, False,
                                   IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA,
-                                  WINDOW, SOFTCAP, BLOCK_N, BLOCK_D)
+                                  WINDOW, SOFTCAP, ALIBI, BLOCK_N, BLOCK_D)
         processed += 1
     for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
                                   kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  window_left, window_right, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
+                                  window_left, window_right, slope, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
                                   softcap, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, True,
                                   IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA,
-                                  WINDOW, SOFTCAP, BLOCK_N, BLOCK_D)
+                                  WINDOW, SOFTCAP, ALIBI, BLOCK_N, BLOCK_D)
         processed += 1
         masked += 1
 
@@ -191,6 +205,8 @@ def attention_forward(
     max_seqlen_k: int | None = None,
     window: tuple[int, int] | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Sk, D), or packed (total, H, D) with
@@ -199,22 +215,31 @@ def attention_forward(
     visible to query i only when -left <= j - i - offset <= right (-1: no limit; offset as
     ``causal`` aligns, bottom-right without it); key tiles outside every row's window are skipped.
     ``softcap`` > 0: scores -> softcap * tanh(scores / softcap) after scaling, before the mask.
+    ``alibi_slopes``: fp32 (Hq,) or (B, Hq); the score of query i and key j gains -slope *
+    |j - i - offset| (offset as for the window). ``sinks``: (Hq,) logits (natural-log units,
+    unscaled) that join each row's softmax denominator as one more key with no value (gpt-oss):
+    rows never empty, and the log-sum-exp includes them.
 
     Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
     holds what rounding lse lost, for the backward, with an additive mask; None otherwise.
     ``validate=False`` skips ``check`` (for callers that checked)."""
     if validate:
-        check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+        check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed, alibi_slopes, sinks)
     q, k, v = unit_last_stride(q, k, v)
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
-    split_kv = window is None and not softcap and decode.applies(q, k, mask, dropout_p, layout.varlen)
+    split_kv = (window is None and not softcap and alibi_slopes is None and sinks is None
+                and decode.applies(q, k, mask, dropout_p, layout.varlen))
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes, sinks)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
     if layout.empty:
-        out.zero_(), lse.fill_(float("inf"))
+        out.zero_()
+        if sinks is None or layout.seqlen_k:
+            lse.fill_(float("inf"))
+        else:  # no keys: each row's softmax holds its sink alone
+            lse.copy_(sinks.float()[:, None] if layout.varlen else sinks.float()[None, :, None])
         if lse_lo is not None:
             lse_lo.zero_()
         return out, lse, lse_lo
@@ -230,9 +255,11 @@ def attention_forward(
         "attention_fwd", _attn_fwd_kernel, tile_list,
         (lambda tile: (cdiv(layout.seqlen_q, tile["BLOCK_M"]), heads)) if query_major else
         (lambda tile: (heads, cdiv(layout.seqlen_q, tile["BLOCK_M"]))),
-        q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k, counter,
+        q, k, v, out, lse, lse_lo, mask, cu_seqlens_q, cu_seqlens_k,
+        sinks, counter,
         *layout.strides(q, k, v, out),
         *layout.lse_strides(lse), *mask_strides,
+        *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)),
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
         scale, dropout_p, dropout_scale(dropout_p), seed, *(NO_WINDOW_ARGS if window is None else window_args(window)),
         softcap,

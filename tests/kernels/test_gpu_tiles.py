@@ -43,14 +43,20 @@ def test_every_gpu_tile_matches_the_reference(kernel, block, causal, monkeypatch
     monkeypatch.setattr(forward if kernel == "forward" else backward, "tiles", one_tile)
     deterministic = kernel == "dq"
     # GQA, head dim 40; a KV-cache-like Sq < Sk; a sliding window narrower than some tiles, wider than
-    # others, with softcapped scores
-    for shape, window, softcap in (((1, 2, 1, 75, 75, 40), None, 0.0), ((1, 2, 2, 21, 90, 64), None, 0.0),
-                                   ((1, 2, 1, 75, 75, 40), (24, 8), 2.0)):
+    # others, with softcapped scores; ALiBi slopes per head with attention sinks (and their gradient)
+    for shape, window, softcap, variants in (((1, 2, 1, 75, 75, 40), None, 0.0, False),
+                                             ((1, 2, 2, 21, 90, 64), None, 0.0, False),
+                                             ((1, 2, 1, 75, 75, 40), (24, 8), 2.0, False),
+                                             ((1, 2, 1, 75, 75, 40), None, 0.0, True)):
         q, k, v = attention_inputs(shape, torch.float32)
+        slopes = torch.tensor([0.25, 0.0625], device=q.device) if variants else None
+        sinks = (torch.tensor([1.5, -0.5], device=q.device),) if variants else ()
         launches = check_against_torch(
-            lambda q, k, v: flash_attention(q, k, v, causal=causal, deterministic=deterministic, window_size=window,
-                                            softcap=softcap),
-            lambda q, k, v: attention_reference(q, k, v, causal=causal, window=window, softcap=softcap)[0], q, k, v,
-            names=NAMES)
+            lambda q, k, v, *sinks: flash_attention(q, k, v, causal=causal, deterministic=deterministic,
+                                                    window_size=window, softcap=softcap, alibi_slopes=slopes,
+                                                    sinks=sinks[0] if sinks else None),
+            lambda q, k, v, *sinks: attention_reference(q, k, v, causal=causal, window=window, softcap=softcap,
+                                                        alibi_slopes=slopes, sinks=sinks[0] if sinks else None)[0],
+            q, k, v, *sinks, names=NAMES + ["sinks.grad"] * variants)
         assert launches["attention_fwd"] == 1 and launches["attention_bwd_dkdv"] == 1
         assert launches["attention_bwd_dq"] == deterministic

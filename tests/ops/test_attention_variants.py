@@ -1,5 +1,6 @@
 """Attention variants in the fused kernels, FlashAttention's arguments: sliding windows
-(``window_size``) and softcapped scores (``softcap``, Gemma 2). Forward and every gradient against
+(``window_size``), softcapped scores (``softcap``, Gemma 2), ALiBi (``alibi_slopes``) and
+attention sinks (``sinks``, gpt-oss, with their gradient). Forward and every gradient against
 the dense eager reference under the 2x-float64 rule, with causal (both alignments), masks,
 grouped-query heads, the deterministic backward, packed sequences and dropout; the key tiles
 outside every row's window skipped (work linear in the sequence)."""
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 import engine
-from engine.kernels import count_tiles
+from engine.kernels import count_tiles, dropout_keep_mask
 from engine.ops import attention_reference, flash_attention, flash_attn_varlen
+from engine.ops.attention import dropout_seed
 from engine.ops.reference import varlen_reference
 from engine.testing import attention_inputs, check_against_torch, kernel_device, triton_launches
 
@@ -174,3 +176,157 @@ def test_a_bad_softcap_is_refused_naming_it(softcap):
     q, k, v = attention_inputs((1, 1, 1, 8, 8, 16), torch.float32)
     with pytest.raises(ValueError, match="softcap must be"):
         flash_attention(q, k, v, softcap=softcap)
+
+
+def _slopes(*shape):
+    """ALiBi's geometric slopes 2^(-8 (h + 1) / H) for H heads, per batch entry scaled apart."""
+    heads = shape[-1]
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+    if len(shape) == 2:
+        slopes = slopes * torch.arange(1, shape[0] + 1)[:, None]
+    return slopes.to(KERNEL_DEVICE)
+
+
+# (shape, slopes' shape, options): per head and per (batch, head), with causal both ways (and
+# the bottom-right default without it, Sq != Sk), a window, a softcap, an additive mask, GQA
+ALIBI_CASES = [
+    ((1, 4, 2, 97, 97, 32), (4,), dict(causal=True)),
+    ((2, 2, 1, 70, 130, 48), (2, 2), {}),
+    ((2, 2, 2, 130, 70, 32), (2,), dict(causal="bottom_right", window_size=(30, 0))),
+    ((1, 2, 2, 90, 90, 64), (1, 2), dict(softcap=3.0, attn_mask="additive")),
+]
+
+
+def _options(options, shape):
+    """The case's options with "additive" replaced by a seeded (B, 1, Sq, Sk) additive mask."""
+    if options.get("attn_mask") == "additive":
+        generator = torch.Generator().manual_seed(3)
+        options = options | dict(attn_mask=torch.randn(shape[0], 1, shape[3], shape[4], generator=generator)
+                                 .to(KERNEL_DEVICE))
+    return options
+
+
+def _reference_options(options):
+    return dict(causal=ALIGN[options.get("causal", False)], window=options.get("window_size"),
+                softcap=options.get("softcap", 0.0), attn_mask=options.get("attn_mask"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALIBI_CASES, ids=lambda c: f"slopes{c[1]}-" + "-".join(map(str, c[2])))
+def test_alibi_matches_the_dense_reference(case, dtype):
+    shape, slopes_shape, options = case
+    options, slopes = _options(options, shape), _slopes(*slopes_shape)
+    launches = check_against_torch(
+        lambda q, k, v: flash_attention(q, k, v, alibi_slopes=slopes, **options),
+        lambda q, k, v: attention_reference(q, k, v, alibi_slopes=slopes, **_reference_options(options))[0],
+        *attention_inputs(shape, dtype), names=NAMES)
+    assert launches == {"attention_fwd": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1}
+
+
+# (shape, options): sinks with causal both ways, a key padding mask (rows left with the sink
+# alone), an additive mask, a window, ALiBi, GQA; their gradient summed over batch and rows
+SINK_CASES = [
+    ((2, 4, 2, 80, 80, 32), dict(causal=True)),
+    ((2, 2, 1, 50, 120, 48), dict(causal="bottom_right", window_size=(40, 0))),
+    ((1, 2, 2, 70, 70, 32), dict(attn_mask="additive", alibi_slopes=(2,))),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: "-".join(map(str, c[1])))
+def test_sinks_and_their_gradient_match_the_dense_reference(case, dtype):
+    shape, options = case
+    options = _options(options, shape)
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = _slopes(*options["alibi_slopes"])
+    sinks = torch.randn(shape[1], generator=torch.Generator().manual_seed(5)).to(KERNEL_DEVICE) + 2
+    reference = _reference_options(options) | dict(alibi_slopes=options.get("alibi_slopes"))
+    launches = check_against_torch(
+        lambda q, k, v, sinks: flash_attention(q, k, v, sinks=sinks, **options),
+        lambda q, k, v, sinks: attention_reference(q, k, v, sinks=sinks, **reference)[0],
+        *attention_inputs(shape, dtype), sinks, names=[*NAMES, "sinks.grad"])
+    assert launches == {"attention_fwd": 1, "attention_bwd_delta": 1, "attention_bwd_dkdv": 1}
+
+
+def test_sinks_with_padding_dropout_and_the_deterministic_backward():
+    """A key padding mask that hides every key of a row leaves the sink alone (output 0, lse the
+    sink); dropout draws the kernel's own mask; both backward schemes give the same sink gradient."""
+    q, k, v = attention_inputs((2, 2, 2, 60, 60, 32), torch.float32)
+    sinks = torch.tensor([0.5, -1.0], device=KERNEL_DEVICE)
+    padding = torch.ones(2, 1, 1, 60, dtype=torch.bool, device=KERNEL_DEVICE)
+    padding[1] = False
+    generator = torch.Generator(KERNEL_DEVICE)
+    keep = dropout_keep_mask(dropout_seed(q.device, generator.manual_seed(3)), 2, 2, 60, 60, 0.25, q.device)
+    results = []
+    for deterministic in (False, True):
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, sinks)]
+        with triton_launches():
+            out, lse = flash_attention(*inputs[:3], sinks=inputs[3], attn_mask=padding, dropout_p=0.25,
+                                       generator=generator.manual_seed(3), deterministic=deterministic,
+                                       return_lse=True)
+            out.backward(torch.ones_like(out))
+        results.append([out, lse, *(t.grad for t in inputs)])
+    reference = [t.detach().clone().requires_grad_() for t in (q, k, v, sinks)]
+    ref, ref_lse = attention_reference(*reference[:3], sinks=reference[3], attn_mask=padding, dropout_keep=keep,
+                                       dropout_p=0.25)
+    ref.backward(torch.ones_like(ref))
+    for atomic, ordered, expected in zip(*results, [ref, ref_lse, *(t.grad for t in reference)]):
+        torch.testing.assert_close(atomic, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ordered, expected, rtol=1e-5, atol=1e-5)
+    assert results[0][0][1].abs().max() == 0 and (results[0][1][1] == sinks[:, None]).all()
+
+
+def test_packed_sequences_with_alibi_per_sequence_and_sinks():
+    cu = torch.tensor([0, 40, 41, 110], dtype=torch.int32, device=KERNEL_DEVICE)
+    q, k, v = (torch.randn(110, 4, 32, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(4, device=KERNEL_DEVICE, requires_grad=True)
+    slopes = _slopes(3, 4)
+    with triton_launches() as launches:
+        out = flash_attn_varlen(q, k, v, cu, cu, 69, 69, causal=True, alibi_slopes=slopes, sinks=sinks)
+        grads = torch.autograd.grad(out, (q, k, v, sinks), torch.ones_like(out))
+    ref = varlen_reference(q, k, v, cu, cu, causal="top_left", alibi_slopes=slopes, sinks=sinks)[0]
+    ref_grads = torch.autograd.grad(ref, (q, k, v, sinks), torch.ones_like(ref))
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert launches["attention_fwd"] == 1
+
+
+def test_sinks_over_no_keys_and_their_double_backward():
+    q, k, v = attention_inputs((1, 2, 2, 5, 0, 16), torch.float32)
+    sinks = torch.tensor([1.0, 2.0], device=KERNEL_DEVICE, requires_grad=True)
+    with triton_launches():
+        out, lse = flash_attention(q, k, v, sinks=sinks, return_lse=True)
+    assert (out == 0).all() and (lse == sinks.detach()[None, :, None]).all()
+    q, k, v = (t.requires_grad_() for t in attention_inputs((1, 2, 1, 20, 20, 16), torch.float32))
+    with triton_launches():
+        out = flash_attention(q, k, v, sinks=sinks, causal=True)
+        (dsinks,) = torch.autograd.grad(out.square().sum(), sinks, create_graph=True)
+        (second,) = torch.autograd.grad(dsinks.sum(), q)
+    ref = attention_reference(q, k, v, sinks=sinks, causal="top_left")[0]
+    (ref_dsinks,) = torch.autograd.grad(ref.square().sum(), sinks, create_graph=True)
+    (ref_second,) = torch.autograd.grad(ref_dsinks.sum(), q)
+    torch.testing.assert_close(dsinks, ref_dsinks, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, ref_second, rtol=1e-4, atol=1e-5)
+
+
+def test_slopes_that_require_grad_take_the_torch_path_with_their_gradient():
+    q, k, v = attention_inputs((1, 2, 2, 30, 30, 16), torch.float32)
+    slopes = _slopes(2).requires_grad_()
+    out = flash_attention(q, k, v, alibi_slopes=slopes)
+    (grad,) = torch.autograd.grad(out.sum() + (out * out).sum(), slopes)
+    assert grad.abs().sum() > 0
+    with engine.use_backend("triton"), pytest.raises(ValueError, match="alibi_slopes requires grad"):
+        flash_attention(q, k, v, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("alibi_slopes", torch.ones(3), r"alibi_slopes must have shape \(2,\) or \(1, 2\)"),
+    ("alibi_slopes", torch.ones(2, dtype=torch.int64), "alibi_slopes must be a floating-point tensor"),
+    ("alibi_slopes", [0.5, 0.25], "alibi_slopes must be a floating-point tensor"),
+    ("sinks", torch.ones(1, 2), r"sinks must be a floating-point tensor of shape \(2,\)"),
+    ("sinks", 1.0, "sinks must be a floating-point tensor"),
+])
+def test_bad_slopes_and_sinks_are_refused_naming_them(argument, value, message):
+    q, k, v = attention_inputs((1, 2, 2, 8, 8, 16), torch.float32)
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, **{argument: value})

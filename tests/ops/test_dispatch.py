@@ -92,7 +92,7 @@ def test_ops_called_through_torch_check_their_arguments():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="dropout needs a"):
         torch.ops.engine.attention_fwd(q, q, q, None, 0.25, None, 0.5, None, None, None, None, None, False, -2, -2,
-                                       0.0)
+                                       0.0, None, None)
     with pytest.raises(TypeError, match="dtype must be one of"):
         torch.ops.engine.attention_fwd(q.double(), q.double(), q.double(), None, 0.25, None, 0.0, None, None, None,
-                                       None, None, False, -2, -2, 0.0)
+                                       None, None, False, -2, -2, 0.0, None, None)

@@ -68,7 +68,8 @@ def _model_counters(name: str, model: torch.nn.Module, batch: dict, loss_fn) -> 
 
 def _attention_tiles(device: str) -> dict[str, int]:
     """Tiles the attention kernels process, forward and backward, for fixed inputs of 256 tokens,
-    and the forward's masked ones (the rest pay no bounds or causal arithmetic)."""
+    and the forward's masked ones (the rest pay no bounds or causal arithmetic): a sliding window
+    of 64 keys visits the diagonal's tiles and their neighbours only; ALiBi and sinks add none."""
     from engine import backend
     from engine.kernels import count_tiles
     from engine.ops import flash_attention, flash_attn_varlen
@@ -80,11 +81,14 @@ def _attention_tiles(device: str) -> dict[str, int]:
     padding[1, ..., 96:] = False
     lengths = torch.tensor([0, 16, 272], dtype=torch.int32, device=device)  # sequences of 16 and 256 tokens
     packed = [torch.randn(272, 4, 64, generator=generator).to(device, torch.float16).requires_grad_() for _ in range(3)]
+    slopes, sinks = torch.rand(4, generator=generator).to(device), torch.zeros(4, device=device, requires_grad=True)
     calls = {
         "full": lambda: flash_attention(q, k, v),
         "causal": lambda: flash_attention(q, k, v, causal=True),
         "key_padding": lambda: flash_attention(q, k, v, attn_mask=padding),
         "packed_16_256": lambda: flash_attn_varlen(*packed, lengths, lengths, 256, 256),
+        "causal_window_64": lambda: flash_attention(q, k, v, causal=True, window_size=(64, 0)),
+        "causal_alibi_sinks": lambda: flash_attention(q, k, v, causal=True, alibi_slopes=slopes, sinks=sinks),
     }
     counters = {}
     for name, call in calls.items():

@@ -4,7 +4,9 @@ One table maps module classes to converters; every converter shares the original
 (no copy), so the state_dict is unchanged and ``undo()`` puts the original modules back. Hugging
 Face models that use transformers' attention-function registry (BERT, GPT-2, Llama and most
 others in transformers 5) also get their attention routed through
-``engine.ops.scaled_dot_product_attention``, and those whose modeling module defines
+``engine.ops.scaled_dot_product_attention`` (sliding windows, soft-capped scores and attention
+sinks through ``engine.ops.flash_attention``'s own arguments, the window drawn by the kernel
+instead of a dense mask), and those whose modeling module defines
 ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2/3, Gemma/2/3, ...) get it replaced there by
 ``engine.ops.apply_rotary``; causal LMs compute their training loss with
 ``engine.ops.linear_cross_entropy`` (no full logits). Modules with no entry are left alone and
@@ -76,21 +78,21 @@ def _converter(module: torch.nn.Module) -> Callable | None:
 
 
 def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                 position_bias=None, **kwargs):
-    """transformers' attention-function signature over engine.ops.scaled_dot_product_attention:
-    query (B, Hq, L, D), key/value (B, Hkv, S, D) -> ((B, L, Hq, D), None), with the causal and
-    mask conventions of transformers' "sdpa" function. Position biases take transformers' own
-    "sdpa" path; soft-capped scores (Gemma 2) the eager formula, which sdpa cannot run."""
-    if kwargs.get("softcap") is not None:
-        causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        return _softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs["softcap"],
-                                     causal)
+                 position_bias=None, sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """transformers' attention-function signature over the engine's kernels: query (B, Hq, L, D),
+    key/value (B, Hkv, S, D) -> ((B, L, Hq, D), None), with the causal and mask conventions of
+    transformers' "sdpa" function. Sliding windows (Mistral, Gemma 2, gpt-oss), soft-capped
+    scores (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) go to ``engine.ops.flash_attention``
+    (``_variant_attention``); position biases take transformers' own "sdpa" path."""
     if position_bias is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if sliding_window is not None or softcap is not None or s_aux is not None:
+        return _variant_attention(query, key, value, attention_mask, dropout, scaling, causal, sliding_window,
+                                  softcap, s_aux)
     causal = query.shape[2] > 1 and attention_mask is None and causal
     if causal and key.shape[2] > query.shape[2]:  # as transformers' sdpa: causal without a cache
         key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
@@ -99,23 +101,41 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.transpose(1, 2).contiguous(), None
 
 
-def _softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, causal):
-    """transformers' eager attention with soft-capped scores, softcap * tanh(s / softcap), for
-    query (B, Hq, L, D) and key/value (B, Hkv, S, D); the softmax in fp32; without a mask,
-    ``causal`` aligns the queries with the last keys. ((B, L, Hq, D), probs)."""
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    scores = softcap * torch.tanh(scores / softcap)
+def _variant_attention(query, key, value, attention_mask, dropout, scaling, causal, sliding_window, softcap, sinks):
+    """``hf_attention`` for a layer with a sliding window, a softcap or sinks. With no mask a
+    sliding-window layer's queries end at its last key (``hf_attention_mask`` gave None for just
+    that), so the kernel's own window (left ``sliding_window - 1``, bottom-right) replaces the
+    dense mask and skips the key tiles outside it; any mask given (padding, a static cache's
+    empty slots) is read as it is, already windowed."""
+    window = None
     if attention_mask is None and causal:
-        length, keys = query.shape[-2], key.shape[-2]
-        attention_mask = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
-    if attention_mask is not None:
-        mask = attention_mask[..., :key.shape[-2]]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return (probs @ value).transpose(1, 2).contiguous(), probs
+        if sliding_window is not None:
+            window = (sliding_window - 1, 0)
+        elif key.shape[2] > query.shape[2] > 1:  # sdpa's causal skip with a static cache's empty slots
+            key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
+    mask = None if attention_mask is None else attention_mask[..., :key.shape[2]]
+    out = ops.flash_attention(query, key, value, causal="bottom_right" if mask is None and causal else False,
+                              attn_mask=mask, dropout_p=dropout, scale=scaling, window_size=window,
+                              softcap=softcap or 0.0, sinks=sinks)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, *args, attention_mask=None,
+                      local_size=None, allow_is_causal_skip=True, **kwargs):
+    """transformers' "sdpa" masks (``masking_utils.sdpa_mask``), except for a causal sliding-window
+    layer (``local_size``) whose queries end at its last key with no padding: None, which
+    ``hf_attention`` answers with the kernel's window. Other sliding-window masks are always
+    built (never None), so that a None always means that alignment."""
+    from transformers.masking_utils import sdpa_mask
+
+    if local_size is not None and allow_is_causal_skip and isinstance(q_offset, int) and isinstance(kv_offset, int):
+        padding = None if attention_mask is None else attention_mask[:, kv_offset:kv_offset + kv_length]
+        if q_offset + q_length == kv_offset + kv_length and (
+                padding is None or (not torch.compiler.is_compiling() and bool(padding.all()))):
+            return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, *args, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip and local_size is None,
+                     **kwargs)
 
 
 def hf_apply_rotary_pos_emb(original: Callable, q, k, cos, sin, *args, **kwargs):
@@ -198,11 +218,11 @@ def _register_hf_attention() -> bool:
     """Register the engine's attention function, and sdpa's mask format for it, with transformers."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         return False
     AttentionInterface.register(ATTENTION_NAME, hf_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the same masks as "sdpa" gets
+    AttentionMaskInterface.register(ATTENTION_NAME, hf_attention_mask)  # "sdpa"'s, less sliding windows
     return True
 
 

@@ -218,3 +218,55 @@ def test_a_patched_llamas_training_step_holds_a_fraction_of_the_memory():
     assert fused.saved * 8 <= unpatched.saved  # 27 MiB against 277
     assert fused.peak * 8 <= unpatched.peak  # 90 MiB against 769 (the step without its loss: 20)
     torch.testing.assert_close(losses[1], losses[0])
+
+
+# Models whose attention needs the kernel's variants: Mistral's sliding window, Gemma 2's window
+# (every other layer) and softcapped scores, gpt-oss's window (every other layer) and sinks;
+# windows of 8 keys over 24-token sequences
+VARIANT_MODELS = {
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=8)),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=2.0)),
+    "gpt_oss": lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **SMALL, head_dim=16, sliding_window=8, num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+@pytest.mark.parametrize("family", list(VARIANT_MODELS))
+def test_windows_softcaps_and_sinks_reach_the_kernel_without_a_dense_mask(family, monkeypatch):
+    """The patched model's logits, gradients and greedy generation (a KV cache, so queries aligned
+    with the last keys) equal the original's (its eager or sdpa attention), while every
+    sliding-window layer hands the kernel its window, and no mask, and Gemma 2's softcap and
+    gpt-oss's sinks reach the kernel too."""
+    torch.manual_seed(0)
+    original = VARIANT_MODELS[family]()
+    patched = copy.deepcopy(original)
+    calls = []
+    flash_attention = engine.ops.flash_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return flash_attention(*args, **kwargs)
+
+    monkeypatch.setattr(engine.patching.ops, "flash_attention", spy)
+    engine.patch(patched)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    with engine.use_backend("triton"), triton_launches() as launches:
+        logits = patched(input_ids=ids).logits
+        logits.square().mean().backward()
+    expected = original(input_ids=ids).logits
+    expected.square().mean().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(original.named_parameters(), patched.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+    windowed = [c for c in calls if c["window_size"] is not None]
+    assert windowed and all(c["window_size"] == (7, 0) and c["attn_mask"] is None for c in windowed)
+    assert launches["attention_fwd"] == len(calls) == 2  # one call per layer
+    if family == "gemma2":
+        assert all(c["softcap"] == 2.0 for c in calls)
+    if family == "gpt_oss":
+        assert all(c["sinks"] is not None and c["sinks"].requires_grad for c in calls)
+    with torch.no_grad(), engine.use_backend("triton"):
+        generated = patched.generate(ids[:1, :12], max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, original.generate(ids[:1, :12], max_new_tokens=6, do_sample=False))

@@ -235,6 +235,19 @@ def _window_keys(first, end, pid_m, causal_offset, window_left, window_right, BL
 
 
 @triton.jit
+def _window_interior(start, interior_end, end, pid_m, causal_offset, window_left, window_right,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lead_end, interior_end): the key tiles [start, end) of query block pid_m under a sliding
+    window, split in three: [start, lead_end) cut by the window's left edge for some row,
+    [lead_end, interior_end) inside every row's window (and within ``_interior_end``'s bounds:
+    no mask arithmetic at all), the rest cut by the right edge, the diagonal or the sequence's end."""
+    left_edge = (pid_m + 1) * BLOCK_M - 1 + causal_offset - window_left  # the block's last row's first key
+    lead_end = tl.minimum(tl.maximum((left_edge + BLOCK_N - 1) // BLOCK_N * BLOCK_N, start), end)
+    right_end = (pid_m * BLOCK_M + causal_offset + window_right + 1) // BLOCK_N * BLOCK_N  # first row's, past its last
+    return lead_end, tl.maximum(tl.minimum(interior_end, right_end), lead_end)
+
+
+@triton.jit
 def _window_rows(begin, end, key_start, key_end, causal_offset, window_left, window_right, WINDOW: tl.constexpr):
     """[begin, end) narrowed to the query rows whose window reaches keys [key_start, key_end)."""
     if WINDOW:

@@ -11,7 +11,7 @@ from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.common import (
     LN2, LOG2E, NO_ALIBI_ARGS, NO_DESCRIPTORS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
-    _live_keys, _load_tile, _scores, _sequences, _tile_mask, _window_keys, alibi_args, check, dropout_scale, flags,
+    _live_keys, _load_tile, _scores, _sequences, _tile_mask, _window_interior, _window_keys, alibi_args, check, dropout_scale, flags,
     kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride, window_args,
 )
 
@@ -146,27 +146,28 @@ def _attn_fwd_kernel(
     first, end = _window_keys(first, end, pid_m, causal_offset, window_left, window_right, BLOCK_M, WINDOW)
     start = first // BLOCK_N * BLOCK_N
     interior_end = _interior_end(start, end, pid_m, seqlen_k, causal_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    if WINDOW:  # every tile is checked against the window (a window tile-aligned could skip that)
-        interior_end = start
+    lead_end = start
+    if WINDOW:
+        lead_end, interior_end = _window_interior(start, interior_end, end, pid_m, causal_offset, window_left,
+                                                  window_right, BLOCK_M, BLOCK_N)
     processed = 0
     masked = 0
-    for start_n in range(start, interior_end, BLOCK_N):  # stage 1: every key visible to every row
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
-                                  kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  window_left, window_right, slope, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
-                                  softcap, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, False,
-                                  IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA,
-                                  WINDOW, SOFTCAP, ALIBI, BLOCK_N, BLOCK_D)
-        processed += 1
-    for start_n in range(interior_end, end, BLOCK_N):  # stage 2: the diagonal and the sequence's end
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch,
-                                  kv_head, start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset,
-                                  window_left, window_right, slope, Mask, mask_offset, stride_mm, stride_mn, sm_scale,
-                                  softcap, Seed, pid_bh, q_start, max_seqlen_k, dropout_p, dropout_scale, True,
-                                  IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA,
-                                  WINDOW, SOFTCAP, ALIBI, BLOCK_N, BLOCK_D)
-        processed += 1
-        masked += 1
+    # stage 0 (windows only): tiles the window's left edge cuts; 1: every key visible to every row;
+    # 2: the diagonal, the window's right edge and the sequence's end
+    for stage in tl.static_range(3):
+        if stage != 0 or WINDOW:
+            begin_n = start if stage == 0 else (lead_end if stage == 1 else interior_end)
+            end_n = lead_end if stage == 0 else (interior_end if stage == 1 else end)
+            for start_n in range(begin_n, end_n, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch, kv_head, start_n,
+                    k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right, slope,
+                    Mask, mask_offset, stride_mm, stride_mn, sm_scale, softcap, Seed, pid_bh, q_start, max_seqlen_k,
+                    dropout_p, dropout_scale, stage != 1, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT,
+                    DOT_PRECISION, EVEN_D, TMA, WINDOW, SOFTCAP, ALIBI, BLOCK_N, BLOCK_D)
+                processed += 1
+                if stage != 1:
+                    masked += 1
 
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -98,6 +98,18 @@ def test_the_work_grows_linearly_with_the_sequence_for_a_fixed_window():
         assert dense["attention_fwd"] == blocks * (blocks + 1) // 2, dense  # causal without a window: quadratic
 
 
+def test_tiles_inside_every_rows_window_pay_no_mask_arithmetic():
+    """Causal, a 200-key window, S = 1024, 64 x 64 tiles: a full query block sees 5 key tiles; the
+    2 the window's left edge cuts and the diagonal are masked, the 2 between are not (the first
+    four blocks see fewer: 1, 2, 3 and 4 tiles, 1, 1, 1 and 2 of them masked)."""
+    q, k, v = attention_inputs((1, 1, 1, 1024, 1024, 16), torch.float32)
+    with triton_launches(), count_tiles() as counted:
+        out = flash_attention(q, k, v, causal=True, window_size=(200, 0))
+    torch.testing.assert_close(out, attention_reference(q, k, v, causal="top_left", window=(200, 0))[0],
+                               rtol=1e-5, atol=1e-5)
+    assert (counted["attention_fwd"], counted["attention_fwd_masked"]) == (1 + 2 + 3 + 4 + 12 * 5, 1 + 1 + 1 + 2 + 12 * 3)
+
+
 def test_packed_sequences_take_the_window_per_sequence():
     seqlens = [70, 130, 1]
     cu = torch.tensor([0, 70, 200, 201], dtype=torch.int32, device=KERNEL_DEVICE)

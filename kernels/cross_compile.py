@@ -199,6 +199,9 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     for head_dim in (64, 128):  # split-KV decoding: one token, GQA 8/2, over a key-padded 1024-token cache
         found[f"attention bfloat16 head_dim {head_dim}, decode step, GQA 8/2, key padding"] = _attention_case(
             head_dim, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, mask="bool", seqlen_q=1)
+    found["attention bfloat16 head_dim 128, decode step, GQA 8/2, window (512, 0), softcap 50, ALiBi, sinks"] = (
+        _attention_case(128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, seqlen_q=1, window=(512, 0),
+                        softcap=50.0, alibi_and_sinks=True))
     for dtype in (torch.bfloat16, torch.float32):  # the loss rows, with their gradient written in place, capped
         found[f"cross_entropy {str(dtype)[6:]} vocabulary 50257, softcap"] = lambda dtype=dtype: cross_entropy_rows(
             torch.randn(8, 50257, dtype=dtype), torch.zeros(8, dtype=torch.int64), torch.ones(1), ignore_index=-100,

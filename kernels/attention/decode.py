@@ -10,7 +10,9 @@ merges the splits by their log-sum-exp into out and the per-row natural-log lse,
 standard forward returns (so its backward applies unchanged).
 
 Takes: padded (B, H, S, D) tensors, no dropout, no mask or a boolean one (True = attend), causal
-top-left or bottom-right. ``applies`` says when the launcher routes a call here.
+top-left or bottom-right, a sliding window (only the keys some row's window reaches are split
+over the programs), a softcap, ALiBi slopes and attention sinks (merged by the second kernel).
+``applies`` says when the launcher routes a call here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import triton
 import triton.language as tl
 
 from engine.kernels._launch import cdiv, launch, next_power_of_2, parallel_programs, record_tiles, tile_counter
-from engine.kernels.attention.common import LN2, LOG2E, head_block
+from engine.kernels.attention.common import (
+    LN2, LOG2E, NO_ALIBI_ARGS, UNBOUNDED, _scores, alibi_args, head_block, window_args,
+)
 
 MAX_ROWS = 64  # query rows (group x Sq) one decode program holds
 MIN_KEYS = 256  # shorter caches take the standard forward
@@ -40,6 +44,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout
 def _decode_split_kernel(
     Q, K, V,  # (B, Hq, Sq, D), (B, Hkv, Sk, D), like K
     Mask,  # bool (as uint8) broadcast to (B, Hq, Sq, Sk) by its strides (HAS_MASK)
+    Alibi, stride_ab, stride_ah,  # fp32 ALiBi slopes (Hq,) or (B, Hq) (ALIBI)
     PartO,  # (B * Hkv, splits, BLOCK_R, BLOCK_D) fp32 out: each split's normalised output
     PartLSE,  # (B * Hkv, splits, BLOCK_R) fp32 out: each split's log-sum-exp, base 2 (-inf: nothing seen)
     Tiles,  # (2,) int32: key tiles processed (COUNT_TILES)
@@ -47,8 +52,12 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    kv_heads, group_size, seqlen_q, seqlen_k, head_dim, keys_per_split, causal_offset, sm_scale,
+    kv_heads, group_size, seqlen_q, head_dim,
+    key_start, key_end, keys_per_split,  # the keys [key_start, key_end) some row may see, split over programs
+    causal_offset, sm_scale, softcap,
+    window_left, window_right,  # the sliding window's reach before and after the diagonal (WINDOW)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -67,9 +76,12 @@ def _decode_split_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     mask_rows = batch.to(tl.int64) * stride_mb + head * stride_mh + position.to(tl.int64) * stride_mm
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + batch.to(tl.int64) * stride_ab + head * stride_ah, mask=row_mask, other=0.0)
 
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, seqlen_k)
+    start = key_start + split * keys_per_split
+    end = tl.minimum(start + keys_per_split, key_end)
     if IS_CAUSAL:  # no row sees a key past the last position's limit
         end = tl.minimum(end, tl.maximum(seqlen_q + causal_offset, 0))
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -83,13 +95,18 @@ def _decode_split_kernel(
         k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
         visible = row_mask[:, None] & in_range[None, :]
+        distance = cols[None, :] - (position[:, None] + causal_offset)
         if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= position[:, None] + causal_offset)
+            visible = visible & (distance <= 0)
+        if WINDOW:
+            visible = visible & (distance >= -window_left) & (distance <= window_right)
         if HAS_MASK:
             keep = tl.load(Mask + mask_rows[:, None] + cols[None, :] * stride_mn, mask=visible, other=0)
             visible = visible & (keep != 0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (sm_scale * LOG2E)
-        s = tl.where(visible, s, float("-inf"))
+        bias = 0.0
+        if ALIBI:
+            bias = -slope[:, None] * tl.abs(distance).to(tl.float32)
+        s, _ = _scores(q, k, bias, visible, sm_scale, softcap, False, DOT_PRECISION, True, SOFTCAP, ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -109,12 +126,13 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_combine_kernel(
     PartO, PartLSE,  # from _decode_split_kernel
+    Sinks,  # (Hq,) attention sink logits, joining every row's sum (HAS_SINKS)
     O,  # (B, Hq, Sq, D) out
     LSE,  # (B, Hq, Sq) fp32 out: natural-log log-sum-exp (+inf for a row that sees no key)
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     kv_heads, group_size, seqlen_q, head_dim, splits,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     batch = pid_bh // kv_heads
@@ -128,8 +146,14 @@ def _decode_combine_kernel(
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for split in range(0, splits):
         m = tl.maximum(m, tl.load(PartLSE + first + split * BLOCK_R + r))
+    sink = float("-inf")
+    if HAS_SINKS:  # one more key with no value: in the sum, not in the output
+        sink = tl.load(Sinks + head, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_SINKS:
+        total = tl.exp2(sink - m_safe)
     out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for split in range(0, splits):
         weight = tl.exp2(tl.load(PartLSE + first + split * BLOCK_R + r) - m_safe)
@@ -144,29 +168,35 @@ def _decode_combine_kernel(
     tl.store(LSE + batch.to(tl.int64) * stride_lb + head * stride_lh + position, lse, mask=row_mask)
 
 
-def decode_forward(q, k, v, out, lse, mask, mask_strides, causal: str | None, scale: float,
-                   precision: str) -> None:
+def decode_forward(q, k, v, out, lse, mask, mask_strides, meta: dict, scale: float, window: tuple[int, int] | None,
+                   softcap: float, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None) -> None:
     """Fill ``out`` (like q) and ``lse`` (B, Hq, Sq) for a call ``applies`` accepted; the
-    mask, if any, is the launcher's uint8 view with its four broadcast strides."""
+    mask, if any, is the launcher's uint8 view with its four broadcast strides; ``meta`` the
+    launcher's flags (causal alignment, precision), the variants as for attention_forward."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
     block_r, block_d = max(16, next_power_of_2(group * seqlen_q)), head_block(head_dim)
-    tiles_of_keys = cdiv(seqlen_k, BLOCK_N)
+    offset = seqlen_k - seqlen_q if meta["CAUSAL_BOTTOM_RIGHT"] else 0
+    left, right = (UNBOUNDED, UNBOUNDED) if window is None else window_args(window)
+    key_start = min(max(offset - left, 0), seqlen_k)  # first row's first key to the last row's last
+    key_end = max(min(seqlen_q + offset + right, seqlen_k), key_start)
+    tiles_of_keys = cdiv(key_end - key_start, BLOCK_N)
     splits = max(1, min(tiles_of_keys, cdiv(2 * parallel_programs(q.device), batch * kv_heads)))
-    keys_per_split = cdiv(tiles_of_keys, splits) * BLOCK_N
-    splits = cdiv(seqlen_k, keys_per_split)
+    keys_per_split = max(cdiv(tiles_of_keys, splits), 1) * BLOCK_N
+    splits = max(cdiv(key_end - key_start, keys_per_split), 1)
     part_o = q.new_empty((batch * kv_heads, splits, block_r, block_d), dtype=torch.float32)
     part_lse = q.new_empty((batch * kv_heads, splits, block_r), dtype=torch.float32)
     counter = tile_counter(q.device)
     launch("attention_decode", _decode_split_kernel, (splits, batch * kv_heads),
-           q, k, v, mask, part_o, part_lse, counter, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-           *mask_strides, kv_heads, group, seqlen_q, seqlen_k, head_dim, keys_per_split,
-           seqlen_k - seqlen_q if causal == "bottom_right" else 0, scale,
-           IS_CAUSAL=causal is not None, HAS_MASK=mask is not None, DOT_PRECISION=precision,
-           COUNT_TILES=counter is not None, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=4)
+           q, k, v, mask, *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), part_o, part_lse,
+           counter, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, kv_heads, group, seqlen_q,
+           head_dim, key_start, key_end, keys_per_split, offset, scale, softcap, left, right,
+           IS_CAUSAL=meta["IS_CAUSAL"], HAS_MASK=mask is not None, DOT_PRECISION=meta["DOT_PRECISION"],
+           COUNT_TILES=counter is not None, WINDOW=window is not None, SOFTCAP=meta["SOFTCAP"], ALIBI=meta["ALIBI"],
+           BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=4)
     if counter is not None:
         record_tiles("attention_decode", counter)
     launch("attention_decode_combine", _decode_combine_kernel, (batch * kv_heads,),
-           part_o, part_lse, out, lse, *out.stride()[:3], *lse.stride()[:2], kv_heads, group, seqlen_q, head_dim,
-           splits, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+           part_o, part_lse, sinks, out, lse, *out.stride()[:3], *lse.stride()[:2], kv_heads, group, seqlen_q,
+           head_dim, splits, HAS_SINKS=sinks is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)

@@ -230,8 +230,7 @@ def attention_forward(
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
-    split_kv = (window is None and not softcap and alibi_slopes is None and sinks is None
-                and decode.applies(q, k, mask, dropout_p, layout.varlen))
+    split_kv = decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
     meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes, sinks)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
@@ -245,7 +244,7 @@ def attention_forward(
             lse_lo.zero_()
         return out, lse, lse_lo
     if split_kv:  # few queries over a long cache: split the keys over programs (flash-decoding)
-        decode.decode_forward(q, k, v, out, lse, mask, mask_strides, causal, scale, meta["DOT_PRECISION"])
+        decode.decode_forward(q, k, v, out, lse, mask, mask_strides, meta, scale, window, softcap, alibi_slopes, sinks)
         return out, lse, None
     counter = tile_counter(q.device)
     tma = tma_applies(layout, k, v)

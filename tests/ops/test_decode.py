@@ -52,6 +52,48 @@ def test_split_kv_matches_the_reference(shape, dtype, causal, mask):
     assert launches == DECODED
 
 
+# (shape, options): a window narrower than the cache (causal both ways, and FlashAttention's
+# bottom-right default without causal), a softcap, ALiBi per head and per batch entry, sinks (with
+# their gradient, through the standard backward), over key-padded caches
+VARIANTS = [
+    ((2, 8, 2, 1, 700, 64), dict(window_size=(100, 0))),
+    ((1, 4, 1, 3, 700, 40), dict(causal=True, window_size=(130, 0), softcap=2.0)),
+    ((1, 4, 1, 3, 700, 40), dict(causal="bottom_right", window_size=(300, 5), alibi=(4,))),
+    ((3, 2, 2, 2, 257, 32), dict(causal="bottom_right", alibi=(3, 2), sinks=True, mask=True)),
+    ((1, 16, 1, 4, 1100, 80), dict(causal="bottom_right", window_size=(64, 0), sinks=True)),
+]
+
+
+@pytest.mark.parametrize("case", VARIANTS, ids=lambda c: "b{}h{}kv{}q{}k{}d{}-".format(*c[0]) + "-".join(c[1]))
+def test_split_kv_takes_windows_softcaps_alibi_and_sinks(case):
+    shape, options = case
+    options = dict(options)
+    if options.pop("mask", False):
+        options["attn_mask"] = _key_padding(shape[0], shape[4])
+    if "alibi" in options:
+        options["alibi_slopes"] = torch.rand(*options.pop("alibi"), generator=torch.Generator().manual_seed(2)
+                                             ).to(KERNEL_DEVICE)
+    sinks = (torch.randn(shape[1], generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE),) \
+        if options.pop("sinks", False) else ()
+    causal = options.pop("causal", False)
+    reference = dict(causal={False: None, True: "top_left"}.get(causal, causal), attn_mask=options.get("attn_mask"),
+                     window=options.get("window_size"), softcap=options.get("softcap", 0.0),
+                     alibi_slopes=options.get("alibi_slopes"))
+    q, k, v = attention_inputs(shape, torch.float32)
+    with count_tiles() as tiles:
+        launches = check_against_torch(
+            lambda q, k, v, *sinks: flash_attention(q, k, v, causal=causal, sinks=sinks[0] if sinks else None,
+                                                    **options),
+            lambda q, k, v, *sinks: attention_reference(q, k, v, sinks=sinks[0] if sinks else None,
+                                                        **reference)[0],
+            q, k, v, *sinks, names=NAMES + ["sinks.grad"] * len(sinks))
+    assert launches == DECODED
+    if "window_size" in options:  # only the keys some row's window reaches are read
+        left, right = options["window_size"]
+        reach = left + right + shape[3]
+        assert tiles["attention_decode"] <= shape[0] * shape[2] * (reach // decode.BLOCK_N + 2), tiles
+
+
 def test_the_log_sum_exp_is_the_standard_forwards():
     q, k, v = attention_inputs((2, 8, 2, 1, 600, 64), torch.float32)
     mask = _key_padding(2, 600)

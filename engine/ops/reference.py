@@ -17,12 +17,16 @@ def causal_mask(seqlen_q: int, seqlen_k: int, alignment: str, device) -> torch.T
     return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(offset)
 
 
+def _distance(seqlen_q: int, seqlen_k: int, alignment: str, device) -> torch.Tensor:
+    """(Sq, Sk) int64 j - i - offset, offset as ``causal_mask``'s."""
+    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
+    return torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None] - offset
+
+
 def window_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], alignment: str, device) -> torch.Tensor:
     """(Sq, Sk) bool, True where key j is inside query i's sliding window (left, right): -left <=
     j - i - offset <= right, -1 for no limit on a side; offset as ``causal_mask``'s."""
-    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
-    distance = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
-                - offset)
+    distance = _distance(seqlen_q, seqlen_k, alignment, device)
     left, right = window
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     if left >= 0:
@@ -35,10 +39,7 @@ def window_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], alignment
 def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, alignment: str) -> torch.Tensor:
     """(B or 1, Hq, Sq, Sk) ALiBi bias -slope * |j - i - offset| for slopes (Hq,) or (B, Hq);
     offset as ``causal_mask``'s."""
-    offset = 0 if alignment == "top_left" else seqlen_k - seqlen_q
-    device = alibi_slopes.device
-    distance = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
-                - offset).abs()
+    distance = _distance(seqlen_q, seqlen_k, alignment, alibi_slopes.device).abs()
     slopes = alibi_slopes.view(-1 if alibi_slopes.dim() == 2 else 1, alibi_slopes.shape[-1], 1, 1)
     return -slopes * distance
 

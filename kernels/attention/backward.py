@@ -10,8 +10,9 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
-    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile, _probabilities, _scores,
-    _sequence_bounds, _sequences, _tile_mask, _window_keys, _window_rows, alibi_args, check, dropout_scale, flags, head_block,
+    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile,
+    _probabilities, _scores, _sequence_bounds, _sequences, _tile_mask, _window_keys, _window_rows, alibi_args, check,
+    dropout_scale, flags, head_block,
     mask_args, tiles, unit_last_stride, window_args,
 )
 
@@ -82,7 +83,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,  # HAS_SINKS: read by the delta kernel only
+    ALIBI: tl.constexpr,
     ACCUMULATE_DQ: tl.constexpr,  # FlashAttention-2's scheme: dQ from these tiles too (no dQ kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -190,7 +191,7 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,  # HAS_SINKS: read by the delta kernel only
+    ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
@@ -298,7 +299,7 @@ def attention_backward(
     if layout.empty:
         return dq.zero_(), dk.zero_(), dv.zero_(), None if sinks is None else torch.zeros_like(sinks)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes, sinks)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)

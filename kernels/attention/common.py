@@ -510,12 +510,12 @@ def mask_args(mask: torch.Tensor, layout: Layout) -> tuple:
 
 def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
           dtype: torch.dtype, window: tuple[int, int] | None = None, softcap: float = 0.0,
-          alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> dict:
+          alibi_slopes: torch.Tensor | None = None) -> dict:
     """The compile-time arguments every attention kernel takes. A sliding window and the ALiBi
     distances are aligned as ``causal`` is, and bottom-right (FlashAttention's) without it."""
     return dict(
         IS_CAUSAL=causal is not None, HAS_MASK=mask is not None, WINDOW=window is not None, SOFTCAP=softcap > 0,
-        ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
+        ALIBI=alibi_slopes is not None,
         CAUSAL_BOTTOM_RIGHT=causal == "bottom_right" or (causal is None and (window is not None
                                                                             or alibi_slopes is not None)),
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,

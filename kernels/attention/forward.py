@@ -232,7 +232,7 @@ def attention_forward(
     lse = layout.new_lse(q)
     split_kv = decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes, sinks)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
     if layout.empty:
         out.zero_()
@@ -263,7 +263,8 @@ def attention_forward(
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
         scale, dropout_p, dropout_scale(dropout_p), seed, *(NO_WINDOW_ARGS if window is None else window_args(window)),
         softcap,
-        **meta, COUNT_TILES=counter is not None, EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
+        **meta, HAS_SINKS=sinks is not None, COUNT_TILES=counter is not None,
+        EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
         QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
         **({"config_args": lambda tile: kv_descriptors(k, v, tile)} if tma else NO_DESCRIPTORS),
     )

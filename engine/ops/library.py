@@ -1,5 +1,5 @@
 """The engine's kernels as torch.library operators: ``torch.ops.engine.norm_fwd``, ``norm_bwd``,
-``attention_fwd``, ``attention_bwd``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and
+``attention_fwd``, ``attention_bwd``, ``flex_attention_fwd``, ``flex_attention_bwd``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and
 ``rotary_``, with
 shape (fake) functions and autograd formulas, so that
 torch.compile traces a model through them without a graph break.
@@ -139,6 +139,32 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return dq, dk, dv, dq.new_empty(_ABSENT) if dsinks is None else dsinks
 
 
+@_kernel_op("flex_attention_fwd")
+def flex_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mods: str,
+                       block_lists: list[torch.Tensor], block_size: int, score_args: list[torch.Tensor],
+                       mask_args: list[torch.Tensor], deterministic: bool, *, validate: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q, lse fp32) of user-defined attention: ``mods`` names the registered score_mod,
+    its derivative and mask_mod (engine.ops.flex); ``block_lists`` a block mask's four list
+    tensors (empty with block_size 0: no block mask). ``deterministic``: the backward's scheme."""
+    out, lse, _ = kernels.attention_forward(
+        q, k, v, scale=scale, flex=_flex.flex_for(mods, block_lists, block_size, score_args, mask_args),
+        validate=validate)
+    return out, lse
+
+
+@_kernel_op("flex_attention_bwd")
+def flex_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, scale: float, mods: str, block_lists: list[torch.Tensor], block_size: int,
+                       score_args: list[torch.Tensor], mask_args: list[torch.Tensor], deterministic: bool, *,
+                       validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of flex_attention_fwd."""
+    dq, dk, dv, _ = kernels.attention_backward(
+        dout, q, k, v, out, lse, scale=scale, deterministic=deterministic,
+        flex=_flex.flex_for(mods, block_lists, block_size, score_args, mask_args), validate=validate)
+    return dq, dk, dv
+
+
 @_kernel_op("cross_entropy_rows", mutates=("logits",))
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, ignore_index: int,
                        label_smoothing: float, z_loss: float, softcap: float | None, *, validate: bool = True
@@ -179,10 +205,11 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
 
 # The backward formulas (kernels, or the eager reference under create_graph) beside each op's front end.
 from engine.ops import (  # noqa: E402  (all loaded by now)
-    attention as _attention, glu as _glu, norm as _norm, rotary as _rotary,
+    attention as _attention, flex as _flex, glu as _glu, norm as _norm, rotary as _rotary,
 )
 
 norm_fwd.register_autograd(_norm.norm_backward, setup_context=_norm.setup_norm_backward)
 attention_fwd.register_autograd(_attention.attention_backward, setup_context=_attention.setup_attention_backward)
+flex_attention_fwd.register_autograd(_flex.flex_backward, setup_context=_flex.setup_flex_backward)
 glu_fwd.register_autograd(_glu.glu_backward, setup_context=_glu.setup_glu_backward)
 rotary.register_autograd(_rotary.rotary_backward, setup_context=_rotary.setup_rotary_backward)

@@ -10,11 +10,12 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
-    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys, _load_tile,
-    _probabilities, _scores, _sequence_bounds, _sequences, _tile_mask, _window_keys, _window_rows, alibi_args, check,
-    dropout_scale, flags, head_block,
-    mask_args, tiles, unit_last_stride, window_args,
+    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _block_list, _block_span, _dropout_keep, _keys_end, _live_keys,
+    _load_tile, _mask_mod, _mod_indices, _probabilities, _scores, _sequence_bounds, _sequences, _tile_mask,
+    _window_keys, _window_rows, alibi_args, check, dropout_scale, flags, head_block, mask_args, tiles,
+    unit_last_stride, window_args,
 )
+from engine.kernels.attention.flex import NO_FLEX, Flex
 
 
 @triton.jit
@@ -59,6 +60,61 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_tile(
+    dk, dv,  # running (BLOCK_N, BLOCK_D) fp32 gradients of this key block
+    k, v, rows, cols, dims, dim_mask,  # the key block's K and V tiles; (BLOCK_M,) query rows, (BLOCK_N,) keys
+    q_base, do_base, row_base, DQ, batch, head, bh, q_start, seqlen_q, seqlen_k, causal_offset, window_left,
+    window_right, slope, Mask, mask_offset, stride_mm, stride_mn, stride_qs, stride_dos, stride_dqb, stride_dqh,
+    stride_dqs, LSE, LSE_LO, Delta, sm_scale, softcap, Seed, max_seqlen_k, dropout_p, dropout_scale, score_args,
+    mask_args,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
+    APPLY_MASK_MOD: tl.constexpr,  # the tile may hold scores MASK_MOD hides (a block mask's partial block)
+    SCORE_GRAD: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+):
+    """Add query tile ``rows``' share to dK and dV (and, with ACCUMULATE_DQ, its dQ share to DQ by atomics)."""
+    visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+                               causal_offset, window_left, window_right, slope, IS_CAUSAL, HAS_MASK,
+                               MASK_IS_BOOL, WINDOW, ALIBI)
+    q_idx, kv_idx = _mod_indices(rows, cols, seqlen_q, seqlen_k)
+    if MASK_MOD is not None and APPLY_MASK_MOD:
+        visible = _mask_mod(visible, MASK_MOD, mask_args, batch, head, q_idx, kv_idx)
+    row_mask = rows < seqlen_q
+    q_tokens = (q_start + rows).to(tl.int64)
+    qd_mask = row_mask[:, None] & dim_mask[None, :]
+    q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
+    do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
+    lse = tl.load(LSE + row_base + rows, mask=row_mask, other=float("inf"))
+    lse_lo = 0.0
+    if NATURAL:
+        lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
+    delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
+    s, t = _scores(q, k, bias, visible, sm_scale, softcap, score_args, batch, head, q_idx, kv_idx, NATURAL,
+                   DOT_PRECISION, True, SOFTCAP, ALIBI, SCORE_MOD, SCORE_GRAD)
+    p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(Seed, bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+        p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    else:
+        p_dropped = p
+    dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:  # through softcap * tanh(x / softcap): d/dx = 1 - tanh^2
+        ds = ds * (1.0 - t * t)
+    if SCORE_GRAD is not None:  # through the user's score_mod (where p = 0, whatever its derivative there)
+        ds = tl.where(p == 0.0, 0.0, ds * t)
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+    if ACCUMULATE_DQ:  # the fifth matmul: this key block's share of dQ, summed across blocks
+        dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+        tl.atomic_add(dq_base + q_tokens[:, None] * stride_dqs + dims[None, :],
+                      tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), mask=qd_mask)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # as in forward; DO like Q
     DK, DV,  # out: like K and V (contiguous)
@@ -80,10 +136,12 @@ def _attn_bwd_dkdv_kernel(
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     window_left, window_right, softcap,  # the sliding window (WINDOW) and the softcap (SOFTCAP), as in forward
+    score_args, mask_args, Sparse,  # as in forward; Sparse lists the block mask's blocks by key block
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,  # None (a score_mod whose derivative is 1), or the score_mod's derivative
     ACCUMULATE_DQ: tl.constexpr,  # FlashAttention-2's scheme: dQ from these tiles too (no dQ kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -127,40 +185,27 @@ def _attn_bwd_dkdv_kernel(
         # a key padding mask that hides this whole key block leaves no query rows to visit
         first, end = _live_keys(Mask, mask_offset, stride_mn, pid_n * BLOCK_N,
                                 tl.minimum(seqlen_k, (pid_n + 1) * BLOCK_N), SKIP_HIDDEN, MASK_IS_BOOL, BLOCK_N)
-        for start_m in range(row_begin, tl.where(first < end, row_end, row_begin), BLOCK_M):
-            rows = start_m + rows_in_block
-            visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                       causal_offset, window_left, window_right, slope, IS_CAUSAL, HAS_MASK,
-                                       MASK_IS_BOOL, WINDOW, ALIBI)
-            row_mask = rows < seqlen_q
-            q_tokens = (q_start + rows).to(tl.int64)
-            qd_mask = row_mask[:, None] & dim_mask[None, :]
-            q = _load_tile(q_base, q_tokens, stride_qs, dims, qd_mask)
-            do = _load_tile(do_base, q_tokens, stride_dos, dims, qd_mask)
-            lse = tl.load(LSE + row_base + rows, mask=row_mask, other=float("inf"))
-            lse_lo = 0.0
-            if NATURAL:
-                lse_lo = tl.load(LSE_LO + row_base + rows, mask=row_mask, other=0.0)
-            delta = tl.load(Delta + row_base + rows, mask=row_mask, other=0.0)
-            s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP, ALIBI)
-            p = _probabilities(s, lse, lse_lo, NATURAL)  # (BLOCK_M, BLOCK_N) before dropout
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(Seed, bh, q_start + rows, cols, max_seqlen_k, dropout_p)
-                p_dropped = tl.where(keep, p * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            else:
-                p_dropped = p
-            dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:  # through softcap * tanh(x / softcap): d/dx = 1 - tanh^2
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
-            if ACCUMULATE_DQ:  # the fifth matmul: this key block's share of dQ, summed across blocks
-                dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-                tl.atomic_add(dq_base + q_tokens[:, None] * stride_dqs + dims[None, :],
-                              tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), mask=qd_mask)
-            processed += 1
+        # the query rows to visit; under a block mask, those of its partial (stage 0) and full (1) blocks
+        for stage in tl.static_range(2):
+            if SPARSE_BLOCK or stage == 0:
+                spans = 1
+                if SPARSE_BLOCK:
+                    spans, list_row = _block_list(Sparse, stage, batch, head, pid_n * BLOCK_N, SPARSE_BLOCK)
+                for span in range(spans):
+                    if SPARSE_BLOCK:
+                        begin_m, end_m = _block_span(Sparse, list_row, span, seqlen_q, SPARSE_BLOCK)
+                    else:
+                        begin_m, end_m = row_begin, tl.where(first < end, row_end, row_begin)
+                    for start_m in range(begin_m, end_m, BLOCK_M):
+                        dk, dv = _dkdv_tile(
+                            dk, dv, k, v, start_m + rows_in_block, cols, dims, dim_mask, q_base, do_base, row_base,
+                            DQ, batch, head, bh, q_start, seqlen_q, seqlen_k, causal_offset, window_left,
+                            window_right, slope, Mask, mask_offset, stride_mm, stride_mn, stride_qs, stride_dos,
+                            stride_dqb, stride_dqh, stride_dqs, LSE, LSE_LO, Delta, sm_scale, softcap, Seed,
+                            max_seqlen_k, dropout_p, dropout_scale, score_args, mask_args, IS_CAUSAL, HAS_MASK,
+                            MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, WINDOW, SOFTCAP, ALIBI, SCORE_MOD,
+                            MASK_MOD, stage == 0, SCORE_GRAD, ACCUMULATE_DQ)
+                        processed += 1
     dk_ptrs = batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_tokens[:, None] * stride_dks + dims[None, :]
     tl.store(DK + dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + dk_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -188,10 +233,12 @@ def _attn_bwd_dq_kernel(
     max_seqlen_q, max_seqlen_k, total_q, total_k, head_dim,
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     window_left, window_right, softcap,  # the sliding window (WINDOW) and the softcap (SOFTCAP), as in forward
+    score_args, mask_args, Sparse,  # as in forward; Sparse lists the block mask's blocks by query block
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,  # None (a score_mod whose derivative is 1), or the score_mod's derivative
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: CUDA caps axis 1 at 65535
@@ -230,26 +277,42 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     processed = 0
-    for start_n in range(first // BLOCK_N * BLOCK_N, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-                                   causal_offset, window_left, window_right, slope, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL,
-                                   WINDOW, ALIBI)
-        kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
-        k_tokens = (k_start + cols).to(tl.int64)
-        k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
-        v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
-        s, t = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, True, SOFTCAP, ALIBI)
-        p = _probabilities(s, lse, lse_lo, NATURAL)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(Seed, pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        processed += 1
+    for stage in tl.static_range(2):  # under a block mask: its partial (0), then its full (1) key blocks
+        if SPARSE_BLOCK or stage == 0:
+            spans = 1
+            if SPARSE_BLOCK:
+                spans, list_row = _block_list(Sparse, stage, batch, head, pid_m * BLOCK_M, SPARSE_BLOCK)
+            for span in range(spans):
+                if SPARSE_BLOCK:
+                    begin_n, end_n = _block_span(Sparse, list_row, span, seqlen_k, SPARSE_BLOCK)
+                else:
+                    begin_n, end_n = first // BLOCK_N * BLOCK_N, end
+                for start_n in range(begin_n, end_n, BLOCK_N):
+                    cols = start_n + tl.arange(0, BLOCK_N)
+                    visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q,
+                                               seqlen_k, causal_offset, window_left, window_right, slope, IS_CAUSAL,
+                                               HAS_MASK, MASK_IS_BOOL, WINDOW, ALIBI)
+                    q_idx, kv_idx = _mod_indices(rows, cols, seqlen_q, seqlen_k)
+                    if MASK_MOD is not None and stage == 0:
+                        visible = _mask_mod(visible, MASK_MOD, mask_args, batch, head, q_idx, kv_idx)
+                    kv_mask = (cols < seqlen_k)[:, None] & dim_mask[None, :]
+                    k_tokens = (k_start + cols).to(tl.int64)
+                    k = _load_tile(k_base, k_tokens, stride_ks, dims, kv_mask)
+                    v = _load_tile(v_base, k_tokens, stride_vs, dims, kv_mask)
+                    s, t = _scores(q, k, bias, visible, sm_scale, softcap, score_args, batch, head, q_idx, kv_idx,
+                                   NATURAL, DOT_PRECISION, True, SOFTCAP, ALIBI, SCORE_MOD, SCORE_GRAD)
+                    p = _probabilities(s, lse, lse_lo, NATURAL)
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    if HAS_DROPOUT:
+                        keep = _dropout_keep(Seed, pid_bh, q_start + rows, cols, max_seqlen_k, dropout_p)
+                        dp = tl.where(keep, dp * dropout_scale, 0.0)
+                    ds = p * (dp - delta[:, None])
+                    if SOFTCAP:
+                        ds = ds * (1.0 - t * t)
+                    if SCORE_GRAD is not None:
+                        ds = tl.where(p == 0.0, 0.0, ds * t)
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                    processed += 1
     dq_ptrs = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_tokens[:, None] * stride_dqs + dims[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
     if COUNT_TILES:
@@ -279,6 +342,7 @@ def attention_backward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    flex: Flex = NO_FLEX,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dsinks) of ``attention_forward`` given dO, its inputs, out, lse and
@@ -289,6 +353,7 @@ def attention_backward(
     dQ and adds it to an fp32 buffer with atomics (five matmuls per tile, no dQ kernel; the order
     of the additions, and so dQ's last bits, may differ from run to run on a GPU).
     ``deterministic=True`` runs dQ in its own kernel instead (seven matmuls, bitwise repeatable).
+    ``flex``: as the forward's; its score_grad is the score_mod's derivative (None: 1).
     ``validate=False`` skips ``check`` (for callers that checked)."""
     if validate:
         check(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, dropout_p, seed, alibi_slopes, sinks)
@@ -323,21 +388,22 @@ def attention_backward(
         ("attention_bwd_dkdv", "dkdv", _attn_bwd_dkdv_kernel,
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),
          (dk, dv, dq_sum), (*strides[15:18], *strides[18:21]),
-         (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads), dict(ACCUMULATE_DQ=dq_sum is not None)),
+         (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads), dict(ACCUMULATE_DQ=dq_sum is not None),
+         flex.args(by_key=True)),
     ]
     if deterministic:  # dQ from its own kernel, one program per query block: no atomics
         launches.append(
             ("attention_bwd_dq", "dq", _attn_bwd_dq_kernel,
              lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
-             (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads), {}))
-    for name, kind, kernel, grid, outputs, out_strides, heads, extra in launches:
+             (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads), {}, flex.args()))
+    for name, kind, kernel, grid, outputs, out_strides, heads, extra, flex_args in launches:
         counter = tile_counter(q.device)
         launch_tuned(
             name, kernel, tiles(layout.head_dim, q.dtype, kind), grid,
             q, k, v, do, *outputs, lse, lse_lo, delta, mask, cu_seqlens_q, cu_seqlens_k, counter,
             *shared, *out_strides, *lse_strides, *mask_strides,
-            *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), *heads, *scalars,
-            **meta, **extra, COUNT_TILES=counter is not None, sizes=(layout.seqlen_q, layout.seqlen_k),
+            *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), *heads, *scalars, *flex_args,
+            **meta, **extra, **flex.meta(backward=True), COUNT_TILES=counter is not None, sizes=(layout.seqlen_q, layout.seqlen_k),
             reset=(dq_sum,),  # the atomics' fp32 buffer, added to by every timing run
         )
         if counter is not None:

@@ -92,21 +92,60 @@ def _live_keys(
 
 
 @triton.jit
+def _mod_indices(rows, cols, seqlen_q, seqlen_k):
+    """(q_idx (BLOCK_M, 1), kv_idx (1, BLOCK_N)): the positions a score_mod or mask_mod sees,
+    clamped into the sequence (a mod reading a table by position never reads past it; the
+    positions clamped are out of range, and masked whatever the mod says)."""
+    return tl.minimum(rows, seqlen_q - 1)[:, None], tl.minimum(cols, seqlen_k - 1)[None, :]
+
+
+@triton.jit
+def _mask_mod(visible, MASK_MOD, mask_args, batch, head, q_idx, kv_idx):
+    """``visible`` and what the user's mask_mod(batch, head, q_idx, kv_idx[, mask_args]) keeps."""
+    if len(mask_args) == 0:
+        keep = MASK_MOD(batch, head, q_idx, kv_idx)
+    else:
+        keep = MASK_MOD(batch, head, q_idx, kv_idx, mask_args)
+    return visible & keep
+
+
+@triton.jit
+def _score_mod(FN, score, score_args, batch, head, q_idx, kv_idx):
+    """The user's FN(score, batch, head, q_idx, kv_idx[, score_args]): a score_mod or its derivative."""
+    if len(score_args) == 0:
+        out = FN(score, batch, head, q_idx, kv_idx)
+    else:
+        out = FN(score, batch, head, q_idx, kv_idx, score_args)
+    return out
+
+
+@triton.jit
 def _scores(
     q, k,  # (BLOCK_M, BLOCK_D) query tile, (BLOCK_N, BLOCK_D) key tile
     bias, visible,  # from _tile_mask
     sm_scale, softcap,
+    score_args, batch, head, q_idx, kv_idx,  # what SCORE_MOD reads besides the score (from _mod_indices)
     NATURAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # apply ``visible`` (False: every score of the tile is visible)
     SOFTCAP: tl.constexpr,  # scores -> softcap * tanh(scores / softcap) (Gemma 2), before any bias
     ALIBI: tl.constexpr,  # ``bias`` holds the ALiBi bias (with NATURAL, the additive mask's too)
+    SCORE_MOD: tl.constexpr,  # None, or the user's @triton.jit score_mod, applied to scale * q.k
+    SCORE_GRAD: tl.constexpr,  # None, or its derivative with respect to the score (the backward's)
 ):
-    """(s, t): (BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k (softcapped)
-    + bias, in natural-log units when NATURAL (an additive mask), else times log2(e) (base 2);
-    and with SOFTCAP the tanh t, whose 1 - t^2 the backward needs (0.0 without)."""
+    """(s, t): (BLOCK_M, BLOCK_N) fp32 scores, -inf where not visible: scale * q.k (softcapped, or
+    through SCORE_MOD) + bias, in natural-log units when NATURAL (an additive mask), else times
+    log2(e) (base 2); and what the backward multiplies dS by: with SOFTCAP the tanh t (for 1 -
+    t^2), with SCORE_GRAD its value at scale * q.k (0.0 without either)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     t = 0.0
-    if SOFTCAP:
+    if SCORE_MOD is not None:
+        s = s * sm_scale
+        if SCORE_GRAD is not None:
+            t = _score_mod(SCORE_GRAD, s, score_args, batch, head, q_idx, kv_idx)
+        s = _score_mod(SCORE_MOD, s, score_args, batch, head, q_idx, kv_idx)
+        if not NATURAL:
+            s = s * LOG2E
+    elif SOFTCAP:
         t = 1.0 - 2.0 / (tl.exp2(s * (sm_scale * 2.0 * LOG2E / softcap)) + 1.0)  # tanh(scale * q.k / softcap)
         s = softcap * t
         if NATURAL or ALIBI:
@@ -122,6 +161,22 @@ def _scores(
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _block_list(Sparse, stage, batch, head, first, SPARSE_BLOCK: tl.constexpr):
+    """(count, row) of a block mask's list for the block of SPARSE_BLOCK positions holding
+    ``first``: ``count`` blocks of the other axis, partial (stage 0) or full (stage 1). Sparse is
+    (Counts, Indices, stage stride, batch stride, head stride, list length) (engine.kernels.attention.flex)."""
+    row = stage * Sparse[2] + batch * Sparse[3] + head * Sparse[4] + first // SPARSE_BLOCK
+    return tl.load(Sparse[0] + row), row
+
+
+@triton.jit
+def _block_span(Sparse, row, index, length, SPARSE_BLOCK: tl.constexpr):
+    """[begin, end): the positions, up to ``length``, of the index-th block in list ``row``."""
+    begin = tl.load(Sparse[1] + row.to(tl.int64) * Sparse[5] + index) * SPARSE_BLOCK
+    return begin, tl.minimum(begin + SPARSE_BLOCK, length)
 
 
 @triton.jit

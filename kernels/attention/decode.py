@@ -106,7 +106,8 @@ def _decode_split_kernel(
         bias = 0.0
         if ALIBI:
             bias = -slope[:, None] * tl.abs(distance).to(tl.float32)
-        s, _ = _scores(q, k, bias, visible, sm_scale, softcap, False, DOT_PRECISION, True, SOFTCAP, ALIBI)
+        s, _ = _scores(q, k, bias, visible, sm_scale, softcap, (), 0, 0, 0, 0, False, DOT_PRECISION, True, SOFTCAP,
+                       ALIBI, None, None)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])

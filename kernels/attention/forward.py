@@ -9,9 +9,11 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
+from engine.kernels.attention.flex import NO_FLEX, Flex
 from engine.kernels.attention.common import (
     LN2, LOG2E, NO_ALIBI_ARGS, NO_DESCRIPTORS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
-    _live_keys, _load_tile, _scores, _sequences, _tile_mask, _window_interior, _window_keys, alibi_args, check, dropout_scale, flags,
+    _live_keys, _load_tile, _mask_mod, _mod_indices, _block_list, _block_span,
+    _scores, _sequences, _tile_mask, _window_interior, _window_keys, alibi_args, check, dropout_scale, flags,
     kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride, window_args,
 )
 
@@ -22,24 +24,28 @@ _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
 def _fwd_tile(
     acc, m_i, l_i,  # running (BLOCK_M, BLOCK_D) output, (BLOCK_M,) max (in the scores' units) and sum
     q, k_base, v_base, stride_ks, stride_vs,  # the query tile; this (batch, kv head)'s K and V
-    KDesc, VDesc, batch, kv_head,  # K and V's (B, Hkv, Sk, D) tensor descriptors (TMA), and where this tile is
+    KDesc, VDesc, batch, head, kv_head,  # K and V's (B, Hkv, Sk, D) tensor descriptors (TMA), and where this tile is
     start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right, slope,
     Mask, mask_offset, stride_mm, stride_mn,
-    sm_scale, softcap, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale,
-    BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end)
+    sm_scale, softcap, Seed, stream, q_start, max_seqlen_k, dropout_p, dropout_scale, score_args, mask_args,
+    BOUNDARY: tl.constexpr,  # the tile may hold keys some row cannot see (causal diagonal, past the end, a mask_mod)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, NATURAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
+    MASK_MOD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Fold key tile [start_n, start_n + BLOCK_N) into the online softmax. An interior tile
-    (BOUNDARY False: in range, and below the causal diagonal for every row) needs no bounds or
-    causal arithmetic; only an explicit mask (and the ALiBi bias) is still computed."""
+    (BOUNDARY False: in range, below the causal diagonal for every row, inside a block mask's full
+    block) needs no bounds, causal or mask_mod arithmetic; only an explicit mask (and the ALiBi
+    bias) is still computed."""
     cols = start_n + tl.arange(0, BLOCK_N)
+    q_idx, kv_idx = _mod_indices(rows, cols, seqlen_q, seqlen_k)
     if BOUNDARY or HAS_MASK or ALIBI:
         visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
                                    causal_offset, window_left, window_right, slope, IS_CAUSAL and BOUNDARY, HAS_MASK,
                                    MASK_IS_BOOL, WINDOW and BOUNDARY, ALIBI)
+        if MASK_MOD is not None and BOUNDARY:
+            visible = _mask_mod(visible, MASK_MOD, mask_args, batch, head, q_idx, kv_idx)
     else:
         visible, bias = True, 0.0
     k_tokens = (k_start + cols).to(tl.int64)
@@ -56,8 +62,8 @@ def _fwd_tile(
     else:
         k = _load_tile(k_base, k_tokens, stride_ks, dims, dim_mask[None, :])
         v = _load_tile(v_base, k_tokens, stride_vs, dims, dim_mask[None, :])
-    s, _ = _scores(q, k, bias, visible, sm_scale, softcap, NATURAL, DOT_PRECISION, BOUNDARY or HAS_MASK, SOFTCAP,
-                   ALIBI)
+    s, _ = _scores(q, k, bias, visible, sm_scale, softcap, score_args, batch, head, q_idx, kv_idx, NATURAL,
+                   DOT_PRECISION, BOUNDARY or HAS_MASK, SOFTCAP, ALIBI, SCORE_MOD, None)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     p = _exp(s - m_safe[:, None], NATURAL)
@@ -94,11 +100,15 @@ def _attn_fwd_kernel(
     sm_scale, dropout_p, dropout_scale, Seed,  # dropout_scale: 1 / (1 - p), 0 when p = 1; (1,) int64
     window_left, window_right,  # the sliding window's reach before and after the diagonal (WINDOW)
     softcap,  # scores -> softcap * tanh(scores / softcap) (SOFTCAP)
+    score_args, mask_args,  # tuples of tensors the user's SCORE_MOD and MASK_MOD read (empty: they take none)
+    Sparse,  # the block mask's lists by query block (SPARSE_BLOCK; engine.kernels.attention.flex), else None
     KDesc, VDesc,  # by keyword: K and V's tensor descriptors, blocks (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
     IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     NATURAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SKIP_HIDDEN: tl.constexpr, COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,  # None, or the user's @triton.jit functions
+    SPARSE_BLOCK: tl.constexpr,  # 0, or the block mask's block size: only its listed key blocks are visited
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no head-dim bounds on interior tiles
     TMA: tl.constexpr,  # K and V read through KDesc and VDesc (padded layout; TMA on sm_90+)
     QUERY_MAJOR: tl.constexpr,  # grid (query blocks, batch * heads), the last (heaviest causal) blocks first
@@ -153,21 +163,30 @@ def _attn_fwd_kernel(
     processed = 0
     masked = 0
     # stage 0 (windows only): tiles the window's left edge cuts; 1: every key visible to every row;
-    # 2: the diagonal, the window's right edge and the sequence's end
+    # 2: the diagonal, the window's right edge and the sequence's end. Under a block mask: stage 0
+    # its partial blocks (mask_mod evaluated), 1 its full blocks, 2 nothing.
     for stage in tl.static_range(3):
-        if stage != 0 or WINDOW:
-            begin_n = start if stage == 0 else (lead_end if stage == 1 else interior_end)
-            end_n = lead_end if stage == 0 else (interior_end if stage == 1 else end)
-            for start_n in range(begin_n, end_n, BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch, kv_head, start_n,
-                    k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left, window_right, slope,
-                    Mask, mask_offset, stride_mm, stride_mn, sm_scale, softcap, Seed, pid_bh, q_start, max_seqlen_k,
-                    dropout_p, dropout_scale, stage != 1, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT,
-                    DOT_PRECISION, EVEN_D, TMA, WINDOW, SOFTCAP, ALIBI, BLOCK_N, BLOCK_D)
-                processed += 1
-                if stage != 1:
-                    masked += 1
+        if (SPARSE_BLOCK and stage != 2) or (not SPARSE_BLOCK and (stage != 0 or WINDOW)):
+            spans = 1
+            if SPARSE_BLOCK:
+                spans, list_row = _block_list(Sparse, stage, batch, head, pid_m * BLOCK_M, SPARSE_BLOCK)
+            for span in range(spans):
+                if SPARSE_BLOCK:
+                    begin_n, end_n = _block_span(Sparse, list_row, span, seqlen_k, SPARSE_BLOCK)
+                else:
+                    begin_n = start if stage == 0 else (lead_end if stage == 1 else interior_end)
+                    end_n = lead_end if stage == 0 else (interior_end if stage == 1 else end)
+                for start_n in range(begin_n, end_n, BLOCK_N):
+                    acc, m_i, l_i = _fwd_tile(
+                        acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch, head, kv_head,
+                        start_n, k_start, rows, dims, dim_mask, seqlen_q, seqlen_k, causal_offset, window_left,
+                        window_right, slope, Mask, mask_offset, stride_mm, stride_mn, sm_scale, softcap, Seed, pid_bh,
+                        q_start, max_seqlen_k, dropout_p, dropout_scale, score_args, mask_args, stage != 1, IS_CAUSAL,
+                        HAS_MASK, MASK_IS_BOOL, NATURAL, HAS_DROPOUT, DOT_PRECISION, EVEN_D, TMA, WINDOW, SOFTCAP,
+                        ALIBI, SCORE_MOD, MASK_MOD, BLOCK_N, BLOCK_D)
+                    processed += 1
+                    if stage != 1:
+                        masked += 1
 
     empty = l_i == 0.0  # every key masked: output 0, log-sum-exp +inf (so backward sees p = 0)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -208,6 +227,7 @@ def attention_forward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    flex: Flex = NO_FLEX,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hq, Sq, D) over k, v (B, Hkv, Sk, D), or packed (total, H, D) with
@@ -219,7 +239,9 @@ def attention_forward(
     ``alibi_slopes``: fp32 (Hq,) or (B, Hq); the score of query i and key j gains -slope *
     |j - i - offset| (offset as for the window). ``sinks``: (Hq,) logits (natural-log units,
     unscaled) that join each row's softmax denominator as one more key with no value (gpt-oss):
-    rows never empty, and the log-sum-exp includes them.
+    rows never empty, and the log-sum-exp includes them. ``flex``: user-defined score and mask
+    functions and a block mask (engine.kernels.attention.flex); only the key blocks it lists are
+    visited.
 
     Returns (out like q, lse fp32 (B, Hq, Sq) or (Hq, total_q), lse_lo): ``lse_lo`` (like lse)
     holds what rounding lse lost, for the backward, with an additive mask; None otherwise.
@@ -230,7 +252,7 @@ def attention_forward(
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = layout.new_lse(q)
-    split_kv = decode.applies(q, k, mask, dropout_p, layout.varlen)
+    split_kv = flex is NO_FLEX and decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
     meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
@@ -262,8 +284,8 @@ def attention_forward(
         *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)),
         layout.heads, layout.heads // layout.kv_heads, *layout.sizes,
         scale, dropout_p, dropout_scale(dropout_p), seed, *(NO_WINDOW_ARGS if window is None else window_args(window)),
-        softcap,
-        **meta, HAS_SINKS=sinks is not None, COUNT_TILES=counter is not None,
+        softcap, *flex.args(),
+        **meta, **flex.meta(), HAS_SINKS=sinks is not None, COUNT_TILES=counter is not None,
         EVEN_D=layout.head_dim == tile_list[0]["BLOCK_D"],
         QUERY_MAJOR=query_major, sizes=(layout.seqlen_q, layout.seqlen_k),
         **({"config_args": lambda tile: kv_descriptors(k, v, tile)} if tma else NO_DESCRIPTORS),

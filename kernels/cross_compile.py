@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from engine.kernels import _tuning, attention
-from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
+from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask, flex, mods
 from engine.kernels.cross_entropy import cross_entropy_rows
 from engine.kernels.glu import glu_backward, glu_forward
 from engine.kernels.norm import norm_backward, norm_forward
@@ -164,6 +164,22 @@ def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "
     return run
 
 
+def _flex_case(deterministic: bool) -> Callable[[], None]:
+    def run():  # a document mask's block lists (empty here: the stand-in GPU runs nothing) and a relative bias
+        batch, heads, kv_heads, seq, head_dim = 2, 8, 2, 512, 128
+        q = torch.randn(batch, heads, seq, head_dim, dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, kv_heads, seq, head_dim, dtype=torch.bfloat16) for _ in range(2))
+        docs, table = torch.zeros(seq, dtype=torch.int32), torch.zeros(heads, 2 * mods.RELATIVE_REACH.value + 1)
+        states = flex.block_states(mods.document, (docs,), 1, 1, seq, seq, 128, torch.device("cpu"))
+        user = flex.Flex(mods.relative_bias, None, (table,), mods.document, (docs,), 128, rows=flex.block_lists(states),
+                         cols=flex.block_lists(states.transpose(-1, -2)))
+        out, lse, _ = attention_forward(q, k, v, scale=head_dim ** -0.5, flex=user)
+        attention_backward(torch.randn_like(out), q, k, v, out, lse, scale=head_dim ** -0.5, deterministic=deterministic,
+                           flex=user)
+        flex.derivative_probe(mods.softcap, mods.softcap_grad, (torch.ones(1),), seq, seq, torch.device("cpu"))
+    return run
+
+
 def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     """Launcher calls covering every kernel: norms by kind, dtype and width (registers only, rows
     looped over column blocks past 64 KiB); attention by head dim and dtype, then its features;
@@ -202,6 +218,9 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     found["attention bfloat16 head_dim 128, decode step, GQA 8/2, window (512, 0), softcap 50, ALiBi, sinks"] = (
         _attention_case(128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, seqlen_q=1, window=(512, 0),
                         softcap=50.0, alibi_and_sinks=True))
+    for deterministic in (False, True):
+        found[f"attention bfloat16 head_dim 128, GQA 8/2, mask_mod + score_mod, block mask{', deterministic' * deterministic}"] = (
+            _flex_case(deterministic))
     for dtype in (torch.bfloat16, torch.float32):  # the loss rows, with their gradient written in place, capped
         found[f"cross_entropy {str(dtype)[6:]} vocabulary 50257, softcap"] = lambda dtype=dtype: cross_entropy_rows(
             torch.randn(8, 50257, dtype=dtype), torch.zeros(8, dtype=torch.int64), torch.ones(1), ignore_index=-100,

@@ -17,7 +17,7 @@ table) are passed as ``mask_mod_args`` / ``score_mod_args``, a tuple the functio
 last argument. The gradient flows through what a score_mod computes from the score: by its
 ``score_mod_grad`` (d score_mod / d score, same arguments), or as 1 without one (a bias added
 to the score), which a probe of the score_mod by finite differences confirms on its first use
-with gradients. engine.ops.mods holds the usual mods.
+with gradients. engine.kernels.attention.mods holds the usual mods.
 
 The block mask evaluates the mask_mod once over blocks of BLOCK_SIZE x BLOCK_SIZE scores: the
 kernels never visit the blocks it hides, and skip the mask arithmetic in the blocks it shows

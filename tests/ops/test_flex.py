@@ -1,6 +1,6 @@
 """User-defined attention (engine.ops.flex): @triton.jit score and mask functions compiled into the
 fused kernels, the block mask built from a mask_mod, gradients through a score_mod. Each of
-engine.ops.mods' functions against the dense eager reference under the 2x-float64 rule, forward
+engine.kernels.attention.mods' functions against the dense eager reference under the 2x-float64 rule, forward
 and every gradient, on awkward sizes, with grouped-query heads, per-batch and per-head masks and
 both backward schemes; the block mask's hidden blocks never visited (tiles counted exactly)."""
 
@@ -11,7 +11,8 @@ import triton.language as tl
 
 from engine.errors import InvalidArgument
 from engine.kernels import count_tiles
-from engine.ops import attention_reference, create_block_mask, flex_attention, mods
+from engine.kernels.attention import mods
+from engine.ops import attention_reference, create_block_mask, flex_attention
 from engine.ops import flex as flex_ops
 from engine.testing import attention_inputs, check_against_torch, kernel_device, triton_launches
 

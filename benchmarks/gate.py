@@ -69,10 +69,12 @@ def _model_counters(name: str, model: torch.nn.Module, batch: dict, loss_fn) -> 
 def _attention_tiles(device: str) -> dict[str, int]:
     """Tiles the attention kernels process, forward and backward, for fixed inputs of 256 tokens,
     and the forward's masked ones (the rest pay no bounds or causal arithmetic): a sliding window
-    of 64 keys visits the diagonal's tiles and their neighbours only; ALiBi and sinks add none."""
+    of 64 keys visits the diagonal's tiles and their neighbours only; ALiBi and sinks add none; a
+    block mask of two documents (blocks of 128) never visits the block that only crosses them."""
     from engine import backend
     from engine.kernels import count_tiles
-    from engine.ops import flash_attention, flash_attn_varlen
+    from engine.kernels.attention import mods
+    from engine.ops import create_block_mask, flash_attention, flash_attn_varlen, flex_attention
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 256, 64, generator=generator).to(device, torch.float16).requires_grad_()
@@ -82,6 +84,10 @@ def _attention_tiles(device: str) -> dict[str, int]:
     lengths = torch.tensor([0, 16, 272], dtype=torch.int32, device=device)  # sequences of 16 and 256 tokens
     packed = [torch.randn(272, 4, 64, generator=generator).to(device, torch.float16).requires_grad_() for _ in range(3)]
     slopes, sinks = torch.rand(4, generator=generator).to(device), torch.zeros(4, device=device, requires_grad=True)
+    documents = torch.repeat_interleave(torch.arange(2), torch.tensor([100, 156])).to(torch.int32).to(device)
+    with backend.use_backend("triton"):
+        block_mask = create_block_mask(mods.document, None, None, 256, 256, device=device, mask_mod_args=(documents,))
+    table = torch.zeros(4, 2 * mods.RELATIVE_REACH.value + 1, device=device)
     calls = {
         "full": lambda: flash_attention(q, k, v),
         "causal": lambda: flash_attention(q, k, v, causal=True),
@@ -89,6 +95,8 @@ def _attention_tiles(device: str) -> dict[str, int]:
         "packed_16_256": lambda: flash_attn_varlen(*packed, lengths, lengths, 256, 256),
         "causal_window_64": lambda: flash_attention(q, k, v, causal=True, window_size=(64, 0)),
         "causal_alibi_sinks": lambda: flash_attention(q, k, v, causal=True, alibi_slopes=slopes, sinks=sinks),
+        "flex_documents_relative_bias": lambda: flex_attention(q, k, v, mods.relative_bias, block_mask,
+                                                               score_mod_args=(table,)),
     }
     counters = {}
     for name, call in calls.items():

@@ -88,6 +88,48 @@ def test_attention_ops_pass_opcheck(case):
                                                   *args[3:-1], sinks))
 
 
+def test_flex_attention_ops_pass_opcheck():
+    """User mods travel through the op as a registry key; the block lists and mod tensors as lists."""
+    from engine.kernels.attention import mods
+    from engine.ops import create_block_mask, flex
+
+    q, k, v = (t.requires_grad_() for t in attention_inputs((1, 2, 1, 150, 150, 16), torch.float32))
+    docs = torch.repeat_interleave(torch.arange(2), torch.tensor([40, 110])).to(torch.int32).to(DEVICE)
+    table = torch.randn(2, 257, device=DEVICE)
+    with triton_launches():
+        block_mask = create_block_mask(mods.document, None, None, 150, 150, device=DEVICE, mask_mod_args=(docs,))
+    key = flex._mods_key(mods.relative_bias, None, mods.document)
+    lists = [*block_mask.rows, *block_mask.cols]
+    args = (q, k, v, 0.25, key, lists, 128, [table], [docs], False)
+    torch.library.opcheck(library.flex_attention_fwd.op, args)
+    out, lse = library.flex_attention_fwd(*args)
+    torch.library.opcheck(library.flex_attention_bwd.op, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                                                       out.detach(), lse, *args[3:]))
+
+
+def test_flex_attention_compiles_without_a_graph_break():
+    from engine.kernels.attention import mods
+    from engine.ops import create_block_mask, flex_attention
+
+    q, k, v = (t.requires_grad_() for t in attention_inputs((1, 2, 2, 140, 140, 16), torch.float32))
+    cap = torch.tensor([4.0], device=DEVICE)
+    with triton_launches():
+        block_mask = create_block_mask(mods.causal, None, None, 140, 140, device=DEVICE)
+        eager = flex_attention(q, k, v, mods.softcap, block_mask, score_mod_grad=mods.softcap_grad,
+                               score_mod_args=(cap,))
+        (eager_grad,) = torch.autograd.grad(eager.sum(), q)
+        counters.clear()
+        compiled = torch.compile(lambda q, k, v: flex_attention(q, k, v, mods.softcap, block_mask,
+                                                                score_mod_grad=mods.softcap_grad,
+                                                                score_mod_args=(cap,)),
+                                 backend=COMPILER, fullgraph=True)
+        out = compiled(q, k, v)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+    assert not counters["graph_break"]
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
 def _optimizer_parameters():
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(*shape, generator=generator).to(DEVICE).requires_grad_() for shape in ((8, 12), (12,))]

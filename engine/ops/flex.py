@@ -264,4 +264,5 @@ def flex_backward(ctx, dout, _dlse):
 
     dq, dk, dv = library.flex_attention_bwd(dout, q, k, v, out, lse, scale, mods, rest[:lists], block_size,
                                             rest[lists:lists + scores], rest[lists + scores:], deterministic)
-    return dq, dk, dv, *([None] * 7)
+    nothing = [None] * lists, [None] * scores, [None] * (len(rest) - lists - scores)  # the list inputs' structure
+    return dq, dk, dv, None, None, nothing[0], None, nothing[1], nothing[2], None

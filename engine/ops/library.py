@@ -54,8 +54,13 @@ class KernelOp:
             setup_context(ctx, inputs, output)
             return output
 
+        def function_backward(ctx, *grads):  # an autograd.Function takes None, not a list, for a list input
+            return tuple(None if isinstance(grad, list) else grad for grad in backward(ctx, *grads))
+
+        lists = any(isinstance(argument.type, torch.ListType) for argument in self.op._opoverload._schema.arguments)
         self.function = type(f"{self.name}_function", (torch.autograd.Function,),
-                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                             {"forward": staticmethod(forward),
+                              "backward": staticmethod(function_backward if lists else backward)})
 
     def __call__(self, *args):
         if (torch.compiler.is_compiling() or _C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled()

@@ -389,13 +389,13 @@ def attention_backward(
          lambda tile: (layout.batch * layout.kv_heads, cdiv(layout.seqlen_k, tile["BLOCK_N"])),
          (dk, dv, dq_sum), (*strides[15:18], *strides[18:21]),
          (layout.heads, layout.heads // layout.kv_heads, layout.kv_heads), dict(ACCUMULATE_DQ=dq_sum is not None),
-         flex.args(by_key=True)),
+         flex.key_args),
     ]
     if deterministic:  # dQ from its own kernel, one program per query block: no atomics
         launches.append(
             ("attention_bwd_dq", "dq", _attn_bwd_dq_kernel,
              lambda tile: (layout.batch * layout.heads, cdiv(layout.seqlen_q, tile["BLOCK_M"])),
-             (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads), {}, flex.args()))
+             (dq,), strides[18:21], (layout.heads, layout.heads // layout.kv_heads), {}, flex.args))
     for name, kind, kernel, grid, outputs, out_strides, heads, extra, flex_args in launches:
         counter = tile_counter(q.device)
         launch_tuned(
@@ -403,7 +403,7 @@ def attention_backward(
             q, k, v, do, *outputs, lse, lse_lo, delta, mask, cu_seqlens_q, cu_seqlens_k, counter,
             *shared, *out_strides, *lse_strides, *mask_strides,
             *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), *heads, *scalars, *flex_args,
-            **meta, **extra, **flex.meta(backward=True), COUNT_TILES=counter is not None, sizes=(layout.seqlen_q, layout.seqlen_k),
+            **meta, **extra, **flex.backward_meta, COUNT_TILES=counter is not None, sizes=(layout.seqlen_q, layout.seqlen_k),
             reset=(dq_sum,),  # the atomics' fp32 buffer, added to by every timing run
         )
         if counter is not None:

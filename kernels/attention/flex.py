@@ -93,23 +93,20 @@ class Flex:
     """What the attention launchers take for user-defined attention: ``score_mod`` (and its
     derivative ``score_grad``, None for 1) with ``score_args``, ``mask_mod`` with ``mask_args``,
     and a block mask's lists by query block (``rows``) and by key block (``cols``), each
-    (counts, indices) from ``block_lists``, over blocks of ``block_size`` (0: no block mask)."""
+    (counts, indices) from ``block_lists``, over blocks of ``block_size`` (0: no block mask).
+
+    The kernels' arguments, built once: ``args`` (score_args, mask_args, Sparse by query block),
+    ``key_args`` (the same, Sparse by key block: the dK/dV kernel's), ``meta`` and
+    ``backward_meta`` (the compile-time ones, the latter with SCORE_GRAD)."""
 
     def __init__(self, score_mod=None, score_grad=None, score_args: tuple = (), mask_mod=None, mask_args: tuple = (),
                  block_size: int = 0, rows: tuple | None = None, cols: tuple | None = None):
-        self.score_mod, self.score_grad, self.score_args = score_mod, score_grad, tuple(score_args)
-        self.mask_mod, self.mask_args = mask_mod, tuple(mask_args)
-        self.block_size, self.rows, self.cols = block_size, rows, cols
-
-    def args(self, by_key: bool = False) -> tuple:
-        """The kernels' (score_args, mask_args, Sparse): lists by query block, or by key block
-        for the dK/dV kernel."""
-        lists = self.cols if by_key else self.rows
-        return self.score_args, self.mask_args, None if not self.block_size else sparse_args(*lists)
-
-    def meta(self, backward: bool = False) -> dict:
-        return dict(SCORE_MOD=self.score_mod, MASK_MOD=self.mask_mod, SPARSE_BLOCK=self.block_size,
-                    **({"SCORE_GRAD": self.score_grad} if backward else {}))
+        self.score_mod, self.mask_mod, self.block_size = score_mod, mask_mod, block_size
+        score_args, mask_args = tuple(score_args), tuple(mask_args)
+        self.args = (score_args, mask_args, sparse_args(*rows) if block_size else None)
+        self.key_args = (score_args, mask_args, sparse_args(*cols) if block_size else None)
+        self.meta = dict(SCORE_MOD=score_mod, MASK_MOD=mask_mod, SPARSE_BLOCK=block_size)
+        self.backward_meta = self.meta | {"SCORE_GRAD": score_grad}
 
 
 NO_FLEX = Flex()

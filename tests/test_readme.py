@@ -1,5 +1,5 @@
-"""The README runs as written. Its Python blocks: each extracted and executed on its own, in a
-fresh interpreter in an empty folder, on CPU, as a newcomer pasting it would run it. Its
+"""The README runs as written. Its Python blocks: each extracted and executed on its own, from a
+file in an empty folder by a fresh interpreter, on CPU, as a newcomer pasting it would run it. Its
 training and scaling-out commands: run in order in one empty folder with small settings appended.
 build-ext included. (The Quickstart's test command is CI's own; bench, gate and cross-compile
 have their tests in test_bench.py, test_gate.py and kernels/test_cross_compile.py.)"""
@@ -9,14 +9,15 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()
-FOUND = list(re.finditer(r"^```python\n(.*?)^```", TEXT, re.S | re.M))
-BLOCKS = [match.group(1) for match in FOUND]
+FOUND = list(re.finditer(r"^( *)```python\n(.*?)^\1```", TEXT, re.S | re.M))  # indented too (in a list item)
+BLOCKS = [textwrap.dedent(match.group(2)) for match in FOUND]
 LINES = [f"README.md:{TEXT.count(chr(10), 0, match.start()) + 1}" for match in FOUND]  # where each block starts
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -27,7 +28,8 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.parametrize("block", BLOCKS, ids=LINES)
 def test_a_readme_python_block_runs_as_written(tmp_path, block):
-    run = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+    (tmp_path / "block.py").write_text(block)  # a file, as pasted into one (Triton reads @triton.jit source from it)
+    run = subprocess.run([sys.executable, "block.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"{block}\n---\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.nn import KVCache, RotaryEmbedding, TransformerBlock
+from engine.nn import KVCache, PagedKVCache, RotaryEmbedding, TransformerBlock
 from engine.nn.blocks import ACTIVATIONS, add_norm_module, make_norm, run_blocks
 from engine.ops import linear_cross_entropy
 from engine.settings import check_types, require, require_finite, require_positive
@@ -114,14 +114,17 @@ class GPT(torch.nn.Module):
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | PagedKVCache | None = None,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) token ids -> (B, S, E) after the final norm. With a cache, positions continue
-        from ``cache.length`` and the cache advances by S."""
-        start = 0 if cache is None else cache.length
+        from what it holds (per sequence for a paged one) and the cache advances by S, or by
+        ``lengths`` (B,), each row's real tokens (right-padded prompts, a paged cache)."""
         seqlen = input_ids.shape[1]
-        if start + seqlen > self.config.max_positions:
-            raise ValueError(f"GPT: {start + seqlen} positions exceed max_positions={self.config.max_positions}")
-        positions = torch.arange(start, start + seqlen, device=input_ids.device)
+        used = seqlen if cache is None else cache.most_positions(seqlen)
+        if used > self.config.max_positions:
+            raise ValueError(f"GPT: {used} positions exceed max_positions={self.config.max_positions}")
+        positions = (torch.arange(seqlen, device=input_ids.device) if cache is None
+                     else cache.positions(seqlen).to(input_ids.device))  # (S,), or (B, S) for a paged cache
         x = self.tok_embed(input_ids)
         rotary = None
         if self.config.position == "learned":
@@ -132,10 +135,11 @@ class GPT(torch.nn.Module):
         x, residual = run_blocks(self.blocks, self.drop(x), checkpoint=checkpoint, is_causal=True, rotary=rotary,
                                  cache=cache)
         if cache is not None:
-            cache.advance(seqlen)
+            cache.advance(seqlen if lengths is None else lengths)
         return add_norm_module(self.norm, x, residual)[0]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None, *,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | PagedKVCache | None = None, *,
                 return_logits: bool | None = None):
         """Logits (B, S, vocab); with ``labels`` (B, S), (logits or None, loss): the mean next-token
         cross-entropy in fp32 (labels shifted inside; -100 ignored), computed from the hidden
@@ -150,19 +154,31 @@ class GPT(torch.nn.Module):
             return_logits = not self.training
         return (self.lm_head(hidden) if return_logits else None), loss
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, *, paged: bool = False, page_size: int = 16
+                  ) -> KVCache | PagedKVCache:
+        """A cache for ``batch`` sequences of up to ``capacity`` tokens: contiguous, or ``paged``."""
         weight = self.tok_embed.weight
-        return KVCache(self.config.num_layers, batch, self.config.num_kv_heads, capacity, self.config.head_dim,
-                       device=weight.device, dtype=weight.dtype)
+        kind, options = (PagedKVCache, dict(page_size=page_size)) if paged else (KVCache, {})
+        return kind(self.config.num_layers, batch, self.config.num_kv_heads, capacity, self.config.head_dim,
+                    device=weight.device, dtype=weight.dtype, **options)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+    def generate(self, input_ids: torch.Tensor | list[torch.Tensor], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, do_sample: bool = False,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None
+                 ) -> torch.Tensor | list[torch.Tensor]:
         """Continue (B, S) prompts by up to ``max_new_tokens`` tokens: greedy unless ``do_sample``,
         then sampling from softmax(logits / temperature) restricted to the ``top_k`` most likely
         tokens and the smallest set whose probability reaches ``top_p``. Sequences that produced
-        ``eos_token_id`` are padded with it. Returns (B, S + new)."""
+        ``eos_token_id`` are padded with it. Returns (B, S + new).
+
+        A list of 1-D prompts of different lengths decodes as one batch over a paged cache (each
+        sequence at its own position, every step one kernel launch per layer for the whole batch)
+        and returns a list: each prompt with its new tokens, the tokens it would get alone."""
+        if isinstance(input_ids, (list, tuple)):
+            if not input_ids or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or not p.numel()
+                                    for p in input_ids):
+                raise ValueError("generate: a list of prompts must hold non-empty 1-D tensors of token ids")
         if max_new_tokens <= 0:
             return input_ids
         if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1) or (top_p is not None and top_p <= 0)):
@@ -176,8 +192,17 @@ class GPT(torch.nn.Module):
             self.train(was_training)
 
     def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id, generator):
-        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, cache=cache)[:, -1]
+        ragged = isinstance(input_ids, (list, tuple))
+        if ragged:  # right-padded into one batch; each sequence's next token follows its own last one
+            prompts = input_ids
+            lengths = torch.tensor([p.numel() for p in prompts], device=prompts[0].device)
+            input_ids = torch.nn.utils.rnn.pad_sequence(list(prompts), batch_first=True)
+            cache = self.new_cache(len(prompts), input_ids.shape[1] + max_new_tokens, paged=True)
+            hidden = self.hidden_states(input_ids, cache, lengths=lengths)
+            logits = self.lm_head(hidden[torch.arange(len(prompts), device=hidden.device), lengths - 1])
+        else:
+            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+            logits = self(input_ids, cache=cache)[:, -1]
         tokens, finished = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             token = _next_token(logits.float(), temperature, top_k, top_p, do_sample, generator)
@@ -188,7 +213,10 @@ class GPT(torch.nn.Module):
             if step + 1 == max_new_tokens or (eos_token_id is not None and finished.all()):
                 break
             logits = self(token[:, None], cache=cache)[:, -1]
-        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+        new = torch.stack(tokens, dim=1)
+        if ragged:
+            return [torch.cat([prompt, row]) for prompt, row in zip(prompts, new)]
+        return torch.cat([input_ids, new], dim=1)
 
 
 def _next_token(logits, temperature, top_k, top_p, do_sample, generator) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Attention modules: a drop-in ``torch.nn.MultiheadAttention``, the models' ``SelfAttention``
-and the ``KVCache`` it decodes with."""
+"""Attention modules: a drop-in ``torch.nn.MultiheadAttention`` and the models' ``SelfAttention``,
+which decodes with a ``KVCache`` or a ``PagedKVCache`` (engine.nn.cache)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator
 
 from engine import ops
+from engine.nn.cache import KVCache, PagedKVCache
 from engine.nn.norm import _FromTorch
 
 _recorded: list[torch.Tensor] | None = None
@@ -127,12 +128,12 @@ class SelfAttention(torch.nn.Module):
         self.out_proj = torch.nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | PagedKVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         """``rotary``: (cos, sin) from ``RotaryEmbedding.cos_sin``, (S, D) or (B, 1, S, D), applied to q
-        and k. ``cache``: keys and values of earlier positions; this call's are appended at
-        ``cache.length`` (the caller advances it) and the queries, the last S positions, attend
-        with bottom-right causal alignment."""
+        and k. ``cache``: keys and values of earlier positions; this call's are appended after them
+        (the caller advances the cache) and the queries, the last S positions, attend with
+        bottom-right causal alignment."""
         batch, seqlen, _ = x.shape
         qkv = self.qkv_proj(x)
         # under tensor parallel (engine.train.parallel) this rank's heads only: [Q_r | K_r | V_r]
@@ -144,6 +145,8 @@ class SelfAttention(torch.nn.Module):
             q, k = ops.apply_rotary(q, k, *rotary, inplace=True)  # in qkv itself when nothing differentiates
         dropout_p = self.dropout if self.training else 0.0
         if _recorded is not None:
+            if isinstance(cache, PagedKVCache):
+                raise NotImplementedError("recording_attention: attention maps are not recorded over a paged cache")
             keys = k if cache is None else torch.cat([cache.keys[layer][:, :, :cache.length], k], dim=2)
             causal = "bottom_right" if is_causal else None
             _recorded.append(ops.attention_probs(q, keys, causal=causal, attn_mask=attn_mask)[0].detach())
@@ -151,35 +154,5 @@ class SelfAttention(torch.nn.Module):
             out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                    dropout_p=dropout_p, enable_gqa=kv_heads != heads)
         else:
-            k, v = cache.append(layer, k, v)  # (B, Hkv, cached + S, D)
-            out = ops.flash_attention(q, k, v, causal="bottom_right" if is_causal else False, attn_mask=attn_mask,
-                                      dropout_p=dropout_p)
+            out = cache.attend(layer, q, k, v, is_causal=is_causal, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))  # (B, S, H * D) -> (B, S, E)
-
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding: per layer (B, Hkv, capacity, D)
-    buffers holding positions [0, length). ``append`` writes a layer's new positions after
-    ``length``; ``advance`` moves ``length`` once every layer has appended."""
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, *,
-                 device=None, dtype=None):
-        shape = (batch, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KVCache: {end} positions exceed its capacity of {self.capacity}")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, count: int) -> None:
-        self.length += count

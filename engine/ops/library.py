@@ -1,5 +1,5 @@
 """The engine's kernels as torch.library operators: ``torch.ops.engine.norm_fwd``, ``norm_bwd``,
-``attention_fwd``, ``attention_bwd``, ``flex_attention_fwd``, ``flex_attention_bwd``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and
+``attention_fwd``, ``attention_bwd``, ``flex_attention_fwd``, ``flex_attention_bwd``, ``paged_attention``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and
 ``rotary_``, with
 shape (fake) functions and autograd formulas, so that
 torch.compile traces a model through them without a graph break.
@@ -142,6 +142,19 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         window=None if (window_left, window_right) == _attention.NO_WINDOW else (window_left, window_right),
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, validate=validate)
     return dq, dk, dv, dq.new_empty(_ABSENT) if dsinks is None else dsinks
+
+
+@_kernel_op("paged_attention")
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    cache_seqlens: torch.Tensor, scale: float, causal: bool, window_left: int, window_right: int,
+                    softcap: float, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None, *,
+                    validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q, lse fp32) over a paged KV cache: see engine.kernels.paged_attention_forward.
+    Window sides -2 mean no window; no autograd (inference)."""
+    return kernels.attention.paged_attention_forward(
+        q, k_cache, v_cache, block_table, cache_seqlens, scale=scale, causal=causal,
+        window=None if (window_left, window_right) == _attention.NO_WINDOW else (window_left, window_right),
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, validate=validate)
 
 
 @_kernel_op("flex_attention_fwd")

@@ -29,7 +29,12 @@ torch.compile keeps it in the graph (a fresh mask every step, tested); CUDA-grap
 not tried yet.
 
 Decoding (``decode.py``): few queries over a long cache split the keys over programs, the query
-heads of a GQA group packed into one tile, and merge the splits by their log-sum-exp.
+heads of a GQA group packed into one tile, and merge the splits by their log-sum-exp; the same
+kernels read a paged cache (pages of a fixed size, a block table per sequence, each sequence's
+own length) in place.
+
+User-defined attention (``flex.py``): @triton.jit score and mask functions compiled into the
+forward and backward kernels, and the block mask that lets them skip hidden blocks.
 
 Layouts: padded tensors (B, H, S, D) with any strides but unit stride over D, or packed
 variable-length tensors (total, H, D) with cumulative sequence starts (B + 1,) int32.
@@ -40,7 +45,8 @@ and on any device; it is compiled in only while counting.
 
 from engine.kernels.attention.backward import attention_backward
 from engine.kernels.attention.common import ATTENTION_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, dropout_keep_mask
+from engine.kernels.attention.decode import paged_attention_forward
 from engine.kernels.attention.forward import attention_forward
 
 __all__ = ["ATTENTION_DTYPES", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "attention_backward", "attention_forward",
-           "dropout_keep_mask"]
+           "dropout_keep_mask", "paged_attention_forward"]

@@ -364,7 +364,7 @@ def attention_backward(
     if layout.empty:
         return dq.zero_(), dk.zero_(), dv.zero_(), None if sinks is None else torch.zeros_like(sinks)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout.varlen, q.dtype, window, softcap, alibi_slopes)
     lse_strides = layout.lse_strides(lse)
     delta = torch.empty_like(lse)
     block_d = head_block(layout.head_dim)

@@ -563,7 +563,7 @@ def mask_args(mask: torch.Tensor, layout: Layout) -> tuple:
     return expanded, tuple(expanded.stride()), is_bool
 
 
-def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, layout: Layout,
+def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dropout_p: float, varlen: bool,
           dtype: torch.dtype, window: tuple[int, int] | None = None, softcap: float = 0.0,
           alibi_slopes: torch.Tensor | None = None) -> dict:
     """The compile-time arguments every attention kernel takes. A sliding window and the ALiBi
@@ -576,7 +576,7 @@ def flags(causal: str | None, mask: torch.Tensor | None, mask_is_bool: bool, dro
         MASK_IS_BOOL=mask_is_bool, NATURAL=mask is not None and not mask_is_bool, HAS_DROPOUT=dropout_p > 0,
         # a mask every query row shares (key padding; any mask when Sq = 1): hidden key tiles skipped
         SKIP_HIDDEN=mask is not None and (mask.stride(-2) == 0 or mask.shape[-2] == 1),
-        IS_VARLEN=layout.varlen, DOT_PRECISION=dot_precision(dtype),
+        IS_VARLEN=varlen, DOT_PRECISION=dot_precision(dtype),
     )
 
 

@@ -21,9 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._launch import cdiv, launch, next_power_of_2, parallel_programs, record_tiles, tile_counter
+from engine.kernels._launch import (
+    cdiv, check_same_device, launch, next_power_of_2, parallel_programs, record_tiles, tile_counter,
+)
 from engine.kernels.attention.common import (
-    LN2, LOG2E, NO_ALIBI_ARGS, UNBOUNDED, _scores, alibi_args, head_block, window_args,
+    ATTENTION_DTYPES, LN2, LOG2E, NO_ALIBI_ARGS, UNBOUNDED, _scores, alibi_args, flags, head_block, unit_last_stride,
+    window_args,
 )
 
 MAX_ROWS = 64  # query rows (group x Sq) one decode program holds
@@ -41,23 +44,39 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout
 
 
 @triton.jit
+def _cache_rows(BlockTable, batch, stride_bt, cols, in_range, stride_kb, stride_ks, PAGE_SIZE: tl.constexpr):
+    """(BLOCK_N,) int64 offsets of key positions ``cols`` in a contiguous cache (batch stride
+    ``stride_kb``, token stride ``stride_ks``), or with PAGE_SIZE in a paged one: position j of
+    this sequence lies in page BlockTable[batch, j // PAGE_SIZE] (page stride ``stride_kb``), slot
+    j % PAGE_SIZE (slot stride ``stride_ks``), read in place, never gathered."""
+    if PAGE_SIZE:
+        page = tl.load(BlockTable + batch.to(tl.int64) * stride_bt + cols // PAGE_SIZE, mask=in_range, other=0)
+        return page.to(tl.int64) * stride_kb + (cols % PAGE_SIZE).to(tl.int64) * stride_ks
+    return batch.to(tl.int64) * stride_kb + cols.to(tl.int64) * stride_ks
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, K, V,  # (B, Hq, Sq, D), (B, Hkv, Sk, D), like K
+    Q, K, V,  # (B, Hq, Sq, D); (B, Hkv, Sk, D), or pages (num_pages, page_size, Hkv, D) (PAGE_SIZE); like K
+    BlockTable,  # (B, pages per sequence) int32 page ids (PAGE_SIZE)
+    CacheSeqlens,  # (B,) int32: each sequence's keys (PAGE_SIZE; else all have seqlen_k)
     Mask,  # bool (as uint8) broadcast to (B, Hq, Sq, Sk) by its strides (HAS_MASK)
     Alibi, stride_ab, stride_ah,  # fp32 ALiBi slopes (Hq,) or (B, Hq) (ALIBI)
     PartO,  # (B * Hkv, splits, BLOCK_R, BLOCK_D) fp32 out: each split's normalised output
     PartLSE,  # (B * Hkv, splits, BLOCK_R) fp32 out: each split's log-sum-exp, base 2 (-inf: nothing seen)
     Tiles,  # (2,) int32: key tiles processed (COUNT_TILES)
     stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
+    stride_kb, stride_kh, stride_ks,  # batch (page), head, token (slot) strides
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bt,  # BlockTable's batch stride
     kv_heads, group_size, seqlen_q, head_dim,
-    key_start, key_end, keys_per_split,  # the keys [key_start, key_end) some row may see, split over programs
-    causal_offset, sm_scale, softcap,
+    seqlen_k, keys_per_split,  # each split's share of the keys some row may see
+    sm_scale, softcap,
     window_left, window_right,  # the sliding window's reach before and after the diagonal (WINDOW)
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, CAUSAL_BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # 0: a contiguous cache; else the paged cache's tokens per page
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -73,13 +92,21 @@ def _decode_split_kernel(
     dim_mask = dims < head_dim
     q_ptrs = Q + batch.to(tl.int64) * stride_qb + head[:, None] * stride_qh + position[:, None] * stride_qs + dims[None, :]
     q = tl.load(q_ptrs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_base = K + kv_head.to(tl.int64) * stride_kh
+    v_base = V + kv_head.to(tl.int64) * stride_vh
     mask_rows = batch.to(tl.int64) * stride_mb + head * stride_mh + position.to(tl.int64) * stride_mm
     slope = 0.0
     if ALIBI:
         slope = tl.load(Alibi + batch.to(tl.int64) * stride_ab + head * stride_ah, mask=row_mask, other=0.0)
 
+    if PAGE_SIZE:
+        seqlen_k = tl.load(CacheSeqlens + batch)
+    causal_offset = 0
+    if CAUSAL_BOTTOM_RIGHT:
+        causal_offset = seqlen_k - seqlen_q
+    # the keys [key_start, key_end) some row may see: from the first row's first to the last row's last
+    key_start = tl.minimum(tl.maximum(causal_offset - window_left, 0), seqlen_k)
+    key_end = tl.maximum(tl.minimum(seqlen_q + causal_offset + window_right, seqlen_k), key_start)
     start = key_start + split * keys_per_split
     end = tl.minimum(start + keys_per_split, key_end)
     if IS_CAUSAL:  # no row sees a key past the last position's limit
@@ -92,8 +119,10 @@ def _decode_split_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         in_range = cols < end
         kv_mask = in_range[:, None] & dim_mask[None, :]
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+        k_rows = _cache_rows(BlockTable, batch, stride_bt, cols, in_range, stride_kb, stride_ks, PAGE_SIZE)
+        v_rows = _cache_rows(BlockTable, batch, stride_bt, cols, in_range, stride_vb, stride_vs, PAGE_SIZE)
+        k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         visible = row_mask[:, None] & in_range[None, :]
         distance = cols[None, :] - (position[:, None] + causal_offset)
         if IS_CAUSAL:
@@ -170,34 +199,103 @@ def _decode_combine_kernel(
 
 
 def decode_forward(q, k, v, out, lse, mask, mask_strides, meta: dict, scale: float, window: tuple[int, int] | None,
-                   softcap: float, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None) -> None:
+                   softcap: float, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+                   paged: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Fill ``out`` (like q) and ``lse`` (B, Hq, Sq) for a call ``applies`` accepted; the
     mask, if any, is the launcher's uint8 view with its four broadcast strides; ``meta`` the
-    launcher's flags (causal alignment, precision), the variants as for attention_forward."""
+    launcher's flags (causal alignment, precision), the variants as for attention_forward.
+    ``paged``: (block_table (B, pages per sequence) int32, cache_seqlens (B,) int32) for k and v
+    as pages (num_pages, page_size, Hkv, D); each sequence's queries are its last Sq positions."""
     batch, heads, seqlen_q, head_dim = q.shape
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    if paged is None:
+        kv_heads, seqlen_k, page_size = k.shape[1], k.shape[2], 0
+        strides = (*k.stride()[:3], *v.stride()[:3])
+        block_table, cache_seqlens, stride_bt = None, None, 0
+    else:
+        (block_table, cache_seqlens), page_size, kv_heads = paged, k.shape[1], k.shape[2]
+        seqlen_k = block_table.shape[1] * page_size  # the capacity: the longest any sequence may be
+        strides = (k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1))
+        stride_bt = block_table.stride(0)
     group = heads // kv_heads
     block_r, block_d = max(16, next_power_of_2(group * seqlen_q)), head_block(head_dim)
-    offset = seqlen_k - seqlen_q if meta["CAUSAL_BOTTOM_RIGHT"] else 0
     left, right = (UNBOUNDED, UNBOUNDED) if window is None else window_args(window)
-    key_start = min(max(offset - left, 0), seqlen_k)  # first row's first key to the last row's last
-    key_end = max(min(seqlen_q + offset + right, seqlen_k), key_start)
-    tiles_of_keys = cdiv(key_end - key_start, BLOCK_N)
+    if paged is None:  # the split plan covers the keys [key_start, key_end) some row may see
+        offset = seqlen_k - seqlen_q if meta["CAUSAL_BOTTOM_RIGHT"] else 0
+        key_start = min(max(offset - left, 0), seqlen_k)
+        span = max(min(seqlen_q + offset + right, seqlen_k), key_start) - key_start
+    else:  # the most keys any sequence's rows may see (its length is on the device)
+        span = min(seqlen_k, seqlen_q + left + right)
+    tiles_of_keys = cdiv(span, BLOCK_N)
     splits = max(1, min(tiles_of_keys, cdiv(2 * parallel_programs(q.device), batch * kv_heads)))
     keys_per_split = max(cdiv(tiles_of_keys, splits), 1) * BLOCK_N
-    splits = max(cdiv(key_end - key_start, keys_per_split), 1)
+    splits = max(cdiv(span, keys_per_split), 1)
     part_o = q.new_empty((batch * kv_heads, splits, block_r, block_d), dtype=torch.float32)
     part_lse = q.new_empty((batch * kv_heads, splits, block_r), dtype=torch.float32)
     counter = tile_counter(q.device)
     launch("attention_decode", _decode_split_kernel, (splits, batch * kv_heads),
-           q, k, v, mask, *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), part_o, part_lse,
-           counter, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, kv_heads, group, seqlen_q,
-           head_dim, key_start, key_end, keys_per_split, offset, scale, softcap, left, right,
-           IS_CAUSAL=meta["IS_CAUSAL"], HAS_MASK=mask is not None, DOT_PRECISION=meta["DOT_PRECISION"],
-           COUNT_TILES=counter is not None, WINDOW=window is not None, SOFTCAP=meta["SOFTCAP"], ALIBI=meta["ALIBI"],
+           q, k, v, block_table, cache_seqlens, mask,
+           *(NO_ALIBI_ARGS if alibi_slopes is None else alibi_args(alibi_slopes)), part_o, part_lse,
+           counter, *q.stride()[:3], *strides, *mask_strides, stride_bt, kv_heads, group, seqlen_q,
+           head_dim, seqlen_k, keys_per_split, scale, softcap, left, right,
+           IS_CAUSAL=meta["IS_CAUSAL"], CAUSAL_BOTTOM_RIGHT=meta["CAUSAL_BOTTOM_RIGHT"], HAS_MASK=mask is not None,
+           DOT_PRECISION=meta["DOT_PRECISION"], COUNT_TILES=counter is not None, WINDOW=window is not None,
+           SOFTCAP=meta["SOFTCAP"], ALIBI=meta["ALIBI"], PAGE_SIZE=page_size,
            BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=4)
     if counter is not None:
         record_tiles("attention_decode", counter)
     launch("attention_decode_combine", _decode_combine_kernel, (batch * kv_heads,),
            part_o, part_lse, sinks, out, lse, *out.stride()[:3], *lse.stride()[:2], kv_heads, group, seqlen_q,
            head_dim, splits, HAS_SINKS=sinks is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+
+
+def paged_attention_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                  cache_seqlens: torch.Tensor, *, scale: float, causal: bool = True,
+                  window: tuple[int, int] | None = None, softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                  validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Hq, Sq, D), each sequence's last Sq positions, over a paged cache: pages
+    k_cache, v_cache (num_pages, page_size, Hkv, D); sequence b's positions [0, cache_seqlens[b])
+    in pages block_table[b, :] (int32, (B, pages per sequence)), read where they lie. Causal,
+    the window and the ALiBi distances aligned bottom-right per sequence; group x Sq <= MAX_ROWS.
+    Returns (out like q, lse (B, Hq, Sq) fp32; +inf for a row that sees no key)."""
+    if validate:
+        check_paged(q, k_cache, v_cache, block_table, cache_seqlens)
+    q, k_cache, v_cache = unit_last_stride(q, k_cache, v_cache)
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    if 0 in q.shape[:3] or block_table.shape[1] == 0:
+        out.zero_()
+        if sinks is None:
+            lse.fill_(float("inf"))
+        else:  # no keys: each row's softmax holds its sink alone
+            lse.copy_(sinks.float()[None, :, None].expand_as(lse))
+        return out, lse
+    meta = flags("bottom_right" if causal else None, None, False, 0.0, False, q.dtype, window, softcap, alibi_slopes)
+    decode_forward(q, k_cache, v_cache, out, lse, None, (0, 0, 0, 0), meta, scale, window, softcap, alibi_slopes,
+                   sinks, paged=(block_table, cache_seqlens))
+    return out, lse
+
+
+def check_paged(q, k_cache, v_cache, block_table, cache_seqlens) -> None:
+    """``paged_attention_forward``'s contract (the ops validate user input with clearer messages first)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"paged attention: q must be (B, Hq, Sq, D) and the caches (num_pages, page_size, Hkv, D) "
+                         f"alike, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.dtype not in ATTENTION_DTYPES or not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise TypeError(f"paged attention: q and the caches must share a dtype of {ATTENTION_DTYPES}, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    check_same_device("paged attention", q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                      cache_seqlens=cache_seqlens)
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[-1] != head_dim or not kv_heads or heads % kv_heads:
+        raise ValueError(f"paged attention: the caches' (Hkv, D) {tuple(k_cache.shape[2:])} must divide q's heads "
+                         f"and match its head dim {head_dim}")
+    if (heads // kv_heads) * seqlen_q > MAX_ROWS:
+        raise ValueError(f"paged attention: {heads // kv_heads} query heads per key/value head x {seqlen_q} queries "
+                         f"exceed the {MAX_ROWS} rows one program holds")
+    if (block_table.dtype, cache_seqlens.dtype) != (torch.int32, torch.int32) or block_table.dim() != 2 \
+            or tuple(cache_seqlens.shape) != (batch,) or block_table.shape[0] != batch:
+        raise ValueError(f"paged attention: block_table must be int32 ({batch}, pages) and cache_seqlens int32 "
+                         f"({batch},), got {block_table.dtype} {tuple(block_table.shape)} and {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")

@@ -254,7 +254,7 @@ def attention_forward(
     lse = layout.new_lse(q)
     split_kv = flex is NO_FLEX and decode.applies(q, k, mask, dropout_p, layout.varlen)
     mask, mask_strides, mask_is_bool = NO_MASK if mask is None else mask_args(mask, layout)
-    meta = flags(causal, mask, mask_is_bool, dropout_p, layout, q.dtype, window, softcap, alibi_slopes)
+    meta = flags(causal, mask, mask_is_bool, dropout_p, layout.varlen, q.dtype, window, softcap, alibi_slopes)
     lse_lo = torch.empty_like(lse) if meta["NATURAL"] else None
     if layout.empty:
         out.zero_()

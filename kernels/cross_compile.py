@@ -29,7 +29,9 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from engine.kernels import _tuning, attention
-from engine.kernels.attention import attention_backward, attention_forward, dropout_keep_mask, flex, mods
+from engine.kernels.attention import (
+    attention_backward, attention_forward, dropout_keep_mask, flex, mods, paged_attention_forward,
+)
 from engine.kernels.cross_entropy import cross_entropy_rows
 from engine.kernels.glu import glu_backward, glu_forward
 from engine.kernels.norm import norm_backward, norm_forward
@@ -164,6 +166,18 @@ def _attention_case(head_dim: int, dtype: torch.dtype, *, causal: str | None = "
     return run
 
 
+def _paged_case() -> Callable[[], None]:
+    def run():  # a decode step for 4 sequences over pages of 16 tokens, GQA 8/2, window, softcap, ALiBi, sinks
+        pages, head_dim = 4 * 64, 128
+        q = torch.randn(4, 8, 1, head_dim, dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(pages, 16, 2, head_dim, dtype=torch.bfloat16) for _ in range(2))
+        table = torch.arange(pages, dtype=torch.int32).view(4, 64)
+        paged_attention_forward(q, k_cache, v_cache, table, torch.full((4,), 1000, dtype=torch.int32),
+                                scale=head_dim ** -0.5, window=(512, 0), softcap=50.0, alibi_slopes=torch.rand(8),
+                                sinks=torch.zeros(8, dtype=torch.bfloat16))
+    return run
+
+
 def _flex_case(deterministic: bool) -> Callable[[], None]:
     def run():  # a document mask's block lists (empty here: the stand-in GPU runs nothing) and a relative bias
         batch, heads, kv_heads, seq, head_dim = 2, 8, 2, 512, 128
@@ -218,6 +232,8 @@ def cases(quick: bool = False) -> dict[str, Callable[[], None]]:
     found["attention bfloat16 head_dim 128, decode step, GQA 8/2, window (512, 0), softcap 50, ALiBi, sinks"] = (
         _attention_case(128, torch.bfloat16, causal="bottom_right", heads=8, kv_heads=2, seqlen_q=1, window=(512, 0),
                         softcap=50.0, alibi_and_sinks=True))
+    found["attention bfloat16 head_dim 128, paged decode step (pages of 16), GQA 8/2, window, softcap, ALiBi, sinks"] = (
+        _paged_case())
     for deterministic in (False, True):
         found[f"attention bfloat16 head_dim 128, GQA 8/2, mask_mod + score_mod, block mask{', deterministic' * deterministic}"] = (
             _flex_case(deterministic))

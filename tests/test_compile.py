@@ -130,6 +130,17 @@ def test_flex_attention_compiles_without_a_graph_break():
     torch.testing.assert_close(grad, eager_grad)
 
 
+def test_paged_attention_op_passes_opcheck():
+    generator = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(9, 16, 2, 32, generator=generator).to(DEVICE) for _ in range(2))
+    table = torch.tensor([[3, 0, 7], [8, 1, 2]], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([40, 5], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 4, 1, 32, generator=generator).to(DEVICE)
+    for window, sinks in (((-2, -2), None), ((8, 0), torch.zeros(4, device=DEVICE))):
+        torch.library.opcheck(library.paged_attention.op, (q, k_cache, v_cache, table, lengths, 0.2, True, *window, 0.0,
+                                                           None, sinks))
+
+
 def _optimizer_parameters():
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(*shape, generator=generator).to(DEVICE).requires_grad_() for shape in ((8, 12), (12,))]

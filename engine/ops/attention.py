@@ -189,6 +189,16 @@ def _check_qkv(op: str, query, key, value, *, gqa: bool) -> None:
                               f"({key.shape[-3]})")
 
 
+def check_padded_qkv(op: str, query, key, value) -> None:
+    """query (B, Hq, Sq, D) and key, value (B, Hkv, Sk, D), Hq a multiple of Hkv."""
+    _check_qkv(op, query, key, value, gqa=True)
+    if query.dim() != 4 or key.dim() != 4:
+        raise InvalidArgument(f"{op}: query and key must be 4-D (batch, heads, seq, head_dim), got "
+                              f"{tuple(query.shape)} and {tuple(key.shape)}")
+    if query.shape[0] != key.shape[0]:
+        raise InvalidArgument(f"{op}: query and key batch sizes differ: {query.shape[0]} and {key.shape[0]}")
+
+
 def _resolve_mask(op: str, attn_mask: torch.Tensor | None, causal: str | None, shape: tuple[int, ...],
                   device) -> tuple[torch.Tensor | None, str | None]:
     """(the mask the kernel reads, the causal alignment) for a mask broadcastable to the scores'
@@ -311,12 +321,7 @@ def flash_attention(
     empty rows).
     """
     op = "flash_attention"
-    _check_qkv(op, query, key, value, gqa=True)
-    if query.dim() != 4 or key.dim() != 4:
-        raise InvalidArgument(f"{op}: query and key must be 4-D (batch, heads, seq, head_dim), got "
-                              f"{tuple(query.shape)} and {tuple(key.shape)}")
-    if query.shape[0] != key.shape[0]:
-        raise InvalidArgument(f"{op}: query and key batch sizes differ: {query.shape[0]} and {key.shape[0]}")
+    check_padded_qkv(op, query, key, value)
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     mask, alignment = _resolve_mask(op, attn_mask, _causal_alignment(causal), shape, query.device)
     _check_dropout(op, dropout_p)

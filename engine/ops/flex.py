@@ -32,7 +32,7 @@ import torch
 
 from engine import backend
 from engine.errors import InvalidArgument
-from engine.ops.attention import _check_qkv, _deterministic, _is_plain
+from engine.ops.attention import _deterministic, _is_plain, _kernel_refusal, check_padded_qkv
 
 _MODS: dict[str, tuple] = {}  # registry key -> (score_mod, score_mod_grad, mask_mod): the ops take the key
 _PROBED: set[str] = set()  # registry keys whose score_mod derivative was checked
@@ -191,12 +191,7 @@ def flex_attention(
     flash_attention. Returns out (B, Hq, Sq, D) [, lse (B, Hq, Sq) float32, natural log]. No
     gradient for the mods' tensors, nor a second derivative."""
     op = "flex_attention"
-    _check_qkv(op, query, key, value, gqa=True)
-    if query.dim() != 4 or key.dim() != 4:
-        raise InvalidArgument(f"{op}: query and key must be 4-D (batch, heads, seq, head_dim), got "
-                              f"{tuple(query.shape)} and {tuple(key.shape)}")
-    if query.shape[0] != key.shape[0]:
-        raise InvalidArgument(f"{op}: query and key batch sizes differ: {query.shape[0]} and {key.shape[0]}")
+    check_padded_qkv(op, query, key, value)
     batch, heads, seqlen_q, head_dim = query.shape
     if heads != key.shape[1] and not enable_gqa:
         raise InvalidArgument(f"{op}: query has {heads} heads and key {key.shape[1]}: pass enable_gqa=True for "
@@ -218,8 +213,6 @@ def flex_attention(
         if block_mask.states.device != query.device:
             raise InvalidArgument(f"{op}: block_mask is on {block_mask.states.device} but query is on {query.device}")
     kernels = _require_kernels(op, query.device)
-    from engine.ops.attention import _kernel_refusal
-
     reason = _kernel_refusal(kernels, query, key, value, None)
     if reason is not None:
         raise InvalidArgument(f"{op}: the kernel cannot run this call: {reason}")

@@ -8,7 +8,8 @@ preprocessing kernel forms delta = rowsum(dO * O), one kernel accumulates dK and
 keys (looping over every query head that shares the key head, so grouped-query attention needs
 no repeated K/V) and, by default, adds each tile's share of dQ to an fp32 buffer with atomics
 (FlashAttention-2's scheme); with ``deterministic=True`` another kernel accumulates dQ per block
-of queries instead. No (Sq, Sk) matrix is ever written. ``common.py`` holds what both share: tile masks, scores, tiles, layouts.
+of queries instead. No (Sq, Sk) matrix is ever written. ``common.py`` holds what both share: tile masks,
+scores, layouts; ``tiles.py`` the tile configurations.
 
 Masks: causal (top-left aligned as torch's SDPA, or bottom-right aligned for a KV cache), and a
 boolean (True = attend) or additive mask read tile by tile through strides, so broadcast

@@ -10,12 +10,13 @@ import triton.language as tl
 from engine.kernels._launch import cdiv, launch, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention.common import (
-    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _block_list, _block_span, _dropout_keep, _keys_end, _live_keys,
-    _load_tile, _mask_mod, _mod_indices, _probabilities, _scores, _sequence_bounds, _sequences, _tile_mask,
-    _window_keys, _window_rows, alibi_args, check, dropout_scale, flags, head_block, mask_args, tiles,
-    unit_last_stride, window_args,
+    NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _keys_end, _live_keys,
+    _load_tile, _mask_mod, _mod_indices, _probabilities, _scores, _sequence_bounds, _sequences, _span, _spans,
+    _tile_mask, _window_keys, _window_rows, alibi_args, check, dropout_scale, flags, mask_args, unit_last_stride,
+    window_args,
 )
 from engine.kernels.attention.flex import NO_FLEX, Flex
+from engine.kernels.attention.tiles import head_block, tiles
 
 
 @triton.jit
@@ -188,14 +189,10 @@ def _attn_bwd_dkdv_kernel(
         # the query rows to visit; under a block mask, those of its partial (stage 0) and full (1) blocks
         for stage in tl.static_range(2):
             if SPARSE_BLOCK or stage == 0:
-                spans = 1
-                if SPARSE_BLOCK:
-                    spans, list_row = _block_list(Sparse, stage, batch, head, pid_n * BLOCK_N, SPARSE_BLOCK)
+                spans, list_row = _spans(Sparse, stage, batch, head, pid_n * BLOCK_N, SPARSE_BLOCK)
                 for span in range(spans):
-                    if SPARSE_BLOCK:
-                        begin_m, end_m = _block_span(Sparse, list_row, span, seqlen_q, SPARSE_BLOCK)
-                    else:
-                        begin_m, end_m = row_begin, tl.where(first < end, row_end, row_begin)
+                    begin_m, end_m = _span(Sparse, list_row, span, seqlen_q, row_begin,
+                                           tl.where(first < end, row_end, row_begin), SPARSE_BLOCK)
                     for start_m in range(begin_m, end_m, BLOCK_M):
                         dk, dv = _dkdv_tile(
                             dk, dv, k, v, start_m + rows_in_block, cols, dims, dim_mask, q_base, do_base, row_base,
@@ -279,14 +276,9 @@ def _attn_bwd_dq_kernel(
     processed = 0
     for stage in tl.static_range(2):  # under a block mask: its partial (0), then its full (1) key blocks
         if SPARSE_BLOCK or stage == 0:
-            spans = 1
-            if SPARSE_BLOCK:
-                spans, list_row = _block_list(Sparse, stage, batch, head, pid_m * BLOCK_M, SPARSE_BLOCK)
+            spans, list_row = _spans(Sparse, stage, batch, head, pid_m * BLOCK_M, SPARSE_BLOCK)
             for span in range(spans):
-                if SPARSE_BLOCK:
-                    begin_n, end_n = _block_span(Sparse, list_row, span, seqlen_k, SPARSE_BLOCK)
-                else:
-                    begin_n, end_n = first // BLOCK_N * BLOCK_N, end
+                begin_n, end_n = _span(Sparse, list_row, span, seqlen_k, first // BLOCK_N * BLOCK_N, end, SPARSE_BLOCK)
                 for start_n in range(begin_n, end_n, BLOCK_N):
                     cols = start_n + tl.arange(0, BLOCK_N)
                     visible, bias = _tile_mask(Mask, mask_offset, stride_mm, stride_mn, rows, cols, seqlen_q,

@@ -25,9 +25,9 @@ from engine.kernels._launch import (
     cdiv, check_same_device, launch, next_power_of_2, parallel_programs, record_tiles, tile_counter,
 )
 from engine.kernels.attention.common import (
-    ATTENTION_DTYPES, LN2, LOG2E, NO_ALIBI_ARGS, UNBOUNDED, _scores, alibi_args, flags, head_block, unit_last_stride,
-    window_args,
+    ATTENTION_DTYPES, LN2, LOG2E, NO_ALIBI_ARGS, UNBOUNDED, _scores, alibi_args, flags, unit_last_stride, window_args,
 )
+from engine.kernels.attention.tiles import head_block
 
 MAX_ROWS = 64  # query rows (group x Sq) one decode program holds
 MIN_KEYS = 256  # shorter caches take the standard forward

@@ -10,11 +10,11 @@ from engine.kernels._launch import cdiv, record_tiles, tile_counter
 from engine.kernels._tuning import launch_tuned
 from engine.kernels.attention import decode
 from engine.kernels.attention.flex import NO_FLEX, Flex
+from engine.kernels.attention.tiles import NO_DESCRIPTORS, kv_descriptors, tiles, tma_applies
 from engine.kernels.attention.common import (
-    LN2, LOG2E, NO_ALIBI_ARGS, NO_DESCRIPTORS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
-    _live_keys, _load_tile, _mask_mod, _mod_indices, _block_list, _block_span,
-    _scores, _sequences, _tile_mask, _window_interior, _window_keys, alibi_args, check, dropout_scale, flags,
-    kv_descriptors, mask_args, tiles, tma_applies, unit_last_stride, window_args,
+    LN2, LOG2E, NO_ALIBI_ARGS, NO_MASK, NO_WINDOW_ARGS, Layout, _dropout_keep, _exp, _interior_end, _keys_end,
+    _live_keys, _load_tile, _mask_mod, _mod_indices, _scores, _sequences, _span, _spans, _tile_mask, _window_interior,
+    _window_keys, alibi_args, check, dropout_scale, flags, mask_args, unit_last_stride, window_args,
 )
 
 _GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
@@ -167,15 +167,11 @@ def _attn_fwd_kernel(
     # its partial blocks (mask_mod evaluated), 1 its full blocks, 2 nothing.
     for stage in tl.static_range(3):
         if (SPARSE_BLOCK and stage != 2) or (not SPARSE_BLOCK and (stage != 0 or WINDOW)):
-            spans = 1
-            if SPARSE_BLOCK:
-                spans, list_row = _block_list(Sparse, stage, batch, head, pid_m * BLOCK_M, SPARSE_BLOCK)
+            spans, list_row = _spans(Sparse, stage, batch, head, pid_m * BLOCK_M, SPARSE_BLOCK)
             for span in range(spans):
-                if SPARSE_BLOCK:
-                    begin_n, end_n = _block_span(Sparse, list_row, span, seqlen_k, SPARSE_BLOCK)
-                else:
-                    begin_n = start if stage == 0 else (lead_end if stage == 1 else interior_end)
-                    end_n = lead_end if stage == 0 else (interior_end if stage == 1 else end)
+                begin_n, end_n = _span(Sparse, list_row, span, seqlen_k,
+                                       start if stage == 0 else (lead_end if stage == 1 else interior_end),
+                                       lead_end if stage == 0 else (interior_end if stage == 1 else end), SPARSE_BLOCK)
                 for start_n in range(begin_n, end_n, BLOCK_N):
                     acc, m_i, l_i = _fwd_tile(
                         acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, KDesc, VDesc, batch, head, kv_head,

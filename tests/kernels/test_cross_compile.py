@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from engine.kernels.attention import common
+from engine.kernels.attention import tiles
 
 KERNELS = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel", "_decode_split_kernel",
@@ -47,7 +47,7 @@ def test_every_config_of_a_list_is_compiled_and_none_that_fits_spills_much(compi
                           ("attention bfloat16 head_dim 128, deterministic backward", {"dq": "_attn_bwd_dq_kernel"})):
         for kind, kernel in kernels.items():
             expected = {(t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"])
-                        for t in common.gpu_tiles(128, torch.bfloat16, kind)}
+                        for t in tiles.gpu_tiles(128, torch.bfloat16, kind)}
             got = {(p["tile"]["BLOCK_M"], p["tile"]["BLOCK_N"], p["num_warps"], p["num_stages"])
                    for p in results[case]["programs"] if p["kernel"] == kernel}
             assert got == expected, (case, kind)
@@ -76,7 +76,7 @@ def test_the_forward_is_compiled_with_descriptor_loads_only_where_the_gpu_has_tm
     forward = {arch: {r["case"]: [p for p in r["programs"] if p["kernel"] == "_attn_fwd_kernel"]
                       for r in compiled[0] if r["arch"] == arch} for arch in (90, 86)}
     case = "attention bfloat16 head_dim 128"
-    expected = len(common.gpu_tiles(128, torch.bfloat16, "forward"))
+    expected = len(tiles.gpu_tiles(128, torch.bfloat16, "forward"))
     assert sum(p["tma"] for p in forward[90][case]) == sum(not p["tma"] for p in forward[90][case]) == expected
     assert not any(p["tma"] for programs in forward[86].values() for p in programs)
     assert not any(p["tma"] for p in forward[90]["attention float16 head_dim 64, packed variable lengths"])

@@ -1,4 +1,4 @@
-"""The attention kernels at every tile a GPU would time (engine.kernels.attention.common.gpu_tiles),
+"""The attention kernels at every tile a GPU would time (engine.kernels.attention.tiles.gpu_tiles),
 run through the interpreter (which otherwise takes one 64 x 64 tile) or on the GPU: block sizes
 decide the causal stages, the masks at sequence ends and the numerics, so each (BLOCK_M, BLOCK_N)
 of the forward's, the dK/dV kernel's and the dQ kernel's lists is checked against the float64
@@ -9,7 +9,7 @@ a score_mod (engine.ops.flex)."""
 import pytest
 import torch
 
-from engine.kernels.attention import backward, common, forward, mods
+from engine.kernels.attention import backward, forward, mods, tiles
 from engine.ops import attention_reference, create_block_mask, flash_attention, flex_attention
 from engine.testing import attention_inputs, check_against_torch, triton_launches
 
@@ -22,7 +22,7 @@ def _blocks(kernel: str) -> list[tuple[int, int, int, int]]:
     found = {}
     for dtype in (torch.float16, torch.float32):
         for head_dim in (64, 128, 256):
-            for tile in common.gpu_tiles(head_dim, dtype, kernel):
+            for tile in tiles.gpu_tiles(head_dim, dtype, kernel):
                 found.setdefault((tile["BLOCK_M"], tile["BLOCK_N"]), (tile["num_warps"], tile["num_stages"]))
     return sorted(block + rest for block, rest in found.items())
 
@@ -33,14 +33,14 @@ def _only_at(kernel: str, block: tuple[int, int, int, int], monkeypatch) -> None
 
     def one_tile(head_dim, dtype, kind, tma=False):
         if kind != kernel:
-            return common.tiles(head_dim, dtype, kind, tma)
-        return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=common.head_block(head_dim), num_warps=warps,
+            return tiles.tiles(head_dim, dtype, kind, tma)
+        return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=tiles.head_block(head_dim), num_warps=warps,
                      num_stages=stages) | ({"TMA": tma} if kind == "forward" else {}),)
 
     monkeypatch.setattr(forward if kernel == "forward" else backward, "tiles", one_tile)
 
 
-TILES = [(kernel, block) for kernel in common.KERNELS for block in _blocks(kernel)]
+TILES = [(kernel, block) for kernel in tiles.KERNELS for block in _blocks(kernel)]
 
 
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from engine.kernels import _tuning
-from engine.kernels.attention import attention_forward, common, forward
+from engine.kernels.attention import attention_forward, forward, tiles
 from engine.ops import attention_reference, flash_attention
 from engine.testing import attention_inputs, check_against_torch, kernel_device
 
 DEVICE = kernel_device()
 pytestmark = [
-    pytest.mark.skipif(common.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors"),
+    pytest.mark.skipif(tiles.TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors"),
     pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9,
                        reason="forcing descriptor loads needs TMA (compute capability 9.0+) on a GPU"),
 ]
@@ -25,10 +25,10 @@ NAMES = ["output", "query.grad", "key.grad", "value.grad"]
 def _forward(q, k, v, tma: str, monkeypatch, tile: dict | None = None, **options):
     """attention_forward's (out, lse) with ENGINE_TMA = ``tma`` (and ``tile``'s blocks, if given),
     and whether its launch read through descriptors."""
-    monkeypatch.setattr(common, "TMA", tma)
+    monkeypatch.setattr(tiles, "TMA", tma)
     if tile is not None:
         monkeypatch.setattr(forward, "tiles", lambda head_dim, dtype, kind, use_tma: (
-            dict(tile, BLOCK_D=common.head_block(head_dim), TMA=use_tma),))
+            dict(tile, BLOCK_D=tiles.head_block(head_dim), TMA=use_tma),))
     out, lse, _ = attention_forward(q, k, v, scale=q.shape[-1] ** -0.5, **options)
     return out, lse, _tuning.LAST_CONFIG["attention_fwd"]["TMA"]
 
@@ -38,7 +38,7 @@ def _blocks() -> list[dict]:
     found = {}
     for dtype in (torch.float16, torch.float32):
         for head_dim in (64, 128, 256):
-            for tile in common.gpu_tiles(head_dim, dtype, "forward", tma=True):
+            for tile in tiles.gpu_tiles(head_dim, dtype, "forward", tma=True):
                 if tile["TMA"]:
                     found.setdefault((tile["BLOCK_M"], tile["BLOCK_N"]), tile)
     return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=t["num_warps"], num_stages=t["num_stages"])
@@ -46,11 +46,11 @@ def _blocks() -> list[dict]:
 
 
 def test_the_gpu_list_times_every_tile_with_and_without_descriptors():
-    with_tma = common.gpu_tiles(128, torch.bfloat16, "forward", tma=True)
-    plain = common.gpu_tiles(128, torch.bfloat16, "forward")
+    with_tma = tiles.gpu_tiles(128, torch.bfloat16, "forward", tma=True)
+    plain = tiles.gpu_tiles(128, torch.bfloat16, "forward")
     assert [t["TMA"] for t in with_tma] == [True] * len(plain) + [False] * len(plain)
     assert [dict(t, TMA=False) for t in with_tma[:len(plain)]] == list(plain) == list(with_tma[len(plain):])
-    assert all("TMA" not in t for t in common.gpu_tiles(128, torch.bfloat16, "dkdv", tma=True))
+    assert all("TMA" not in t for t in tiles.gpu_tiles(128, torch.bfloat16, "dkdv", tma=True))
 
 
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
@@ -88,7 +88,7 @@ def test_masks_and_dropout_read_the_same_through_descriptors(case, monkeypatch):
 
 
 def test_descriptor_loads_pass_the_float64_rule_with_gradients(monkeypatch):
-    monkeypatch.setattr(common, "TMA", "1")
+    monkeypatch.setattr(tiles, "TMA", "1")
     q, k, v = attention_inputs((1, 4, 2, 33, 77, 48), torch.float16)
     for causal in ("top_left", "bottom_right"):
         launches = check_against_torch(lambda q, k, v: flash_attention(q, k, v, causal=causal),
@@ -114,7 +114,7 @@ def test_fp32_packed_and_unaligned_tensors_fall_back_to_pointer_loads(monkeypatc
 
     packed = torch.randn(80, 2, 32, device=DEVICE).half()
     starts = torch.tensor([0, 30, 80], dtype=torch.int32, device=DEVICE)
-    monkeypatch.setattr(common, "TMA", "1")
+    monkeypatch.setattr(tiles, "TMA", "1")
     attention_forward(packed, packed, packed, scale=0.2, cu_seqlens_q=starts, cu_seqlens_k=starts,
                       max_seqlen_q=50, max_seqlen_k=50)
     assert not _tuning.LAST_CONFIG["attention_fwd"]["TMA"]

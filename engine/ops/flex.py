@@ -32,7 +32,7 @@ import torch
 
 from engine import backend
 from engine.errors import InvalidArgument
-from engine.ops.attention import _deterministic, _is_plain, _kernel_refusal, check_padded_qkv
+from engine.ops.attention import _is_plain, _kernel_refusal, check_padded_qkv
 
 _MODS: dict[str, tuple] = {}  # registry key -> (score_mod, score_mod_grad, mask_mod): the ops take the key
 _PROBED: set[str] = set()  # registry keys whose score_mod derivative was checked
@@ -187,8 +187,9 @@ def flex_attention(
     -> score, applied to scale * q.k; ``score_mod_grad``: its derivative with respect to the
     score (None: 1, checked). ``block_mask``: from ``create_block_mask`` for (B or 1, Hq or 1,
     Sq, Sk); its hidden blocks are never visited. A row that sees no key gives zeros (FlexAttention
-    too) and a log-sum-exp of +inf (FlexAttention's -inf). ``deterministic`` as for
-    flash_attention. Returns out (B, Hq, Sq, D) [, lse (B, Hq, Sq) float32, natural log]. No
+    too) and a log-sum-exp of +inf (FlexAttention's -inf). ``deterministic`` (None: True, as
+    FlexAttention's backward): dQ from its own kernel; False: FlashAttention-2's atomics (five
+    matmuls a tile, not seven, but with the mods' registers its dK/dV tiles spill on 99 KiB GPUs). Returns out (B, Hq, Sq, D) [, lse (B, Hq, Sq) float32, natural log]. No
     gradient for the mods' tensors, nor a second derivative."""
     op = "flex_attention"
     check_padded_qkv(op, query, key, value)
@@ -232,7 +233,8 @@ def flex_attention(
 
     out, lse = library.flex_attention_fwd(query, key, value, scale, mods, block_lists,
                                           0 if block_mask is None else block_mask.BLOCK_SIZE,
-                                          list(score_mod_args), list(mask_mod_args), _deterministic(deterministic))
+                                          list(score_mod_args), list(mask_mod_args),
+                                          True if deterministic is None else bool(deterministic))
     return (out, lse) if return_lse else out
 
 

@@ -1,16 +1,18 @@
 """The engine's kernels as torch.library operators: ``torch.ops.engine.norm_fwd``, ``norm_bwd``,
-``attention_fwd``, ``attention_bwd``, ``flex_attention_fwd``, ``flex_attention_bwd``, ``paged_attention``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and
-``rotary_``, with
-shape (fake) functions and autograd formulas, so that
-torch.compile traces a model through them without a graph break.
+``attention_fwd``, ``attention_bwd``, ``flex_attention_fwd``, ``flex_attention_bwd``,
+``paged_attention``, ``cross_entropy_rows``, ``glu_fwd``, ``glu_bwd``, ``rotary`` and ``rotary_``,
+with shape (fake) functions and autograd formulas, so that torch.compile traces a model through
+them without a graph break.
 
 On a GPU machine they are ``triton_op``s: torch.compile traces into the Triton launches
 themselves. Under Triton's interpreter (which cannot run on fake tensors) they are opaque
 ``custom_op``s whose shape functions are the launchers run on fake tensors, where nothing is
-launched. Schemas take no optional outputs: an absent result (h without a residual, the mean of
-RMSNorm, lse_lo without an additive mask, a gradient nobody needs) is an empty tensor, which the
-wrappers turn back into None. Each op's keyword ``validate`` (default True) checks the
-launcher's contract; the engine's own front ends, having checked their arguments, skip it.
+launched. The flex ops, whose kernels take tuples and Triton functions as arguments, are opaque
+``custom_op``s everywhere, with shape functions of their own. Schemas take no optional outputs:
+an absent result (h without a residual, the mean of RMSNorm, lse_lo without an additive mask, a
+gradient nobody needs) is an empty tensor, which the wrappers turn back into None. Each op's
+keyword ``validate`` (default True) checks the launcher's contract; the engine's own front ends,
+having checked their arguments, skip it.
 
 The front ends call each op through a ``KernelOp``: the registered op wherever torch must see
 the call (torch.compile tracing, a dispatch or function mode such as FakeTensorMode or
@@ -71,13 +73,16 @@ class KernelOp:
         return self.body(*args, validate=False)
 
 
-def _kernel_op(name: str, mutates: tuple[str, ...] = ()):
+def _kernel_op(name: str, mutates: tuple[str, ...] = (), shapes: Callable | None = None):
     """Register the decorated launcher as ``torch.ops.engine.<name>`` (writing the arguments named
-    in ``mutates``); return its KernelOp."""
+    in ``mutates``); return its KernelOp. With ``shapes`` (a function of the same arguments giving
+    empty outputs) the op is an opaque custom_op on a GPU too, ``shapes`` its fake function: for
+    kernels whose arguments (tuples, Triton functions) torch's tracing of Triton launches cannot
+    take."""
     def register(function):
-        if INTERPRETED:
+        if INTERPRETED or shapes is not None:
             op = torch.library.custom_op(f"engine::{name}", mutates_args=mutates)(function)
-            op.register_fake(function)
+            op.register_fake(function if shapes is None else shapes)
         else:
             op = torch.library.triton_op(f"engine::{name}", mutates_args=mutates)(function)
         return KernelOp(name, op, function)
@@ -157,7 +162,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, validate=validate)
 
 
-@_kernel_op("flex_attention_fwd")
+def _flex_forward_shapes(q, k, v, *args, validate: bool = True):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _flex_backward_shapes(dout, q, k, v, *args, validate: bool = True):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# user functions reach the kernels as tuple and JITFunction arguments: opaque ops, shapes as fake functions
+@_kernel_op("flex_attention_fwd", shapes=_flex_forward_shapes)
 def flex_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mods: str,
                        block_lists: list[torch.Tensor], block_size: int, score_args: list[torch.Tensor],
                        mask_args: list[torch.Tensor], deterministic: bool, *, validate: bool = True
@@ -171,7 +185,7 @@ def flex_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return out, lse
 
 
-@_kernel_op("flex_attention_bwd")
+@_kernel_op("flex_attention_bwd", shapes=_flex_backward_shapes)
 def flex_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, scale: float, mods: str, block_lists: list[torch.Tensor], block_size: int,
                        score_args: list[torch.Tensor], mask_args: list[torch.Tensor], deterministic: bool, *,

@@ -13,7 +13,8 @@ from engine.kernels.attention import tiles
 
 KERNELS = {"_norm_fwd_kernel", "_norm_bwd_kernel", "_column_sum_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_dropout_mask_kernel", "_decode_split_kernel",
-           "_decode_combine_kernel", "_cross_entropy_kernel", "_glu_kernel", "_rotary_kernel"}
+           "_decode_combine_kernel", "_cross_entropy_kernel", "_glu_kernel", "_rotary_kernel", "_block_states_kernel",
+           "_derivative_probe_kernel"}
 
 
 @pytest.fixture(scope="module")

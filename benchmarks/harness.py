@@ -38,6 +38,24 @@ def _peak_bytes(step: Callable, device: torch.device):
     return result, torch.cuda.max_memory_allocated(device) - before
 
 
+def attention_steps(batch: int, heads: int, kv_heads: int, seqlen: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device, *extra) -> Callable[[Callable], Callable]:
+    """step_of(fn): a forward+backward step of fn(q, k, v, *extra) returning (out, dq, dk, dv), over
+    seeded q (B, H, S, D), k and v (B, Hkv, S, D) that require grad, and a seeded dout."""
+    generator = torch.Generator().manual_seed(0)
+    make = lambda h: torch.randn(batch, h, seqlen, head_dim, generator=generator).to(device, dtype)  # noqa: E731
+    q, k, v = (make(h).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    dout = make(heads)
+
+    def step_of(fn):
+        def step():
+            out = fn(q, k, v, *extra)
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+        return step
+
+    return step_of
+
+
 def check_then_time(benchmark, step: Callable, reference: Callable, device: torch.device, *,
                     case: str, provider: str, bytes_moved: int = 0, flops: int = 0, tokens: int = 0,
                     peak_flops: float | None = None, exact: Callable | None = None) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine.benchmarks.harness import check_then_time
+from engine.benchmarks.harness import attention_steps, check_then_time
 from engine.ops import attention_reference
 
 # (batch, query heads, key/value heads, sequence, head dim, documents packed in it)
@@ -102,18 +102,8 @@ def test_document_mask_with_relative_bias(benchmark, provider, shape, device):
     if provider == "engine" and device.type != "cuda" and not engine.backend.interpreting():
         pytest.skip("engine: score and mask functions run in the Triton kernels (a GPU, or TRITON_INTERPRET=1)")
     dtype = DTYPE[device.type]
-    generator = torch.Generator().manual_seed(0)
-    make = lambda h: torch.randn(batch, h, seqlen, head_dim, generator=generator).to(device, dtype)  # noqa: E731
-    q, k, v = (make(h).requires_grad_() for h in (heads, kv_heads, kv_heads))
-    dout = make(heads)
     docs, table, mask, pairs = _inputs(heads, seqlen, documents, device)
-
-    def step_of(fn):
-        def step():
-            out = fn(q, k, v, mask)
-            return (out, *torch.autograd.grad(out, (q, k, v), dout))
-        return step
-
+    step_of = attention_steps(batch, heads, kv_heads, seqlen, head_dim, dtype, device, mask)
     reference = "sdpa-mask" if long else "eager"
     check_then_time(
         benchmark, step_of(_implementation(provider, docs, table)), step_of(_implementation(reference, docs, table)),

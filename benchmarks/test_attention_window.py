@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine.benchmarks.harness import check_then_time
+from engine.benchmarks.harness import attention_steps, check_then_time
 from engine.ops import attention_reference
 from engine.ops.reference import window_mask
 
@@ -70,18 +70,8 @@ def test_sliding_window_attention(benchmark, provider, shape, device):
     if provider == "flex" and device.type != "cuda":
         pytest.skip("flex: FlexAttention is benchmarked compiled on CUDA")
     dtype = DTYPE[device.type]
-    generator = torch.Generator().manual_seed(0)
-    make = lambda h: torch.randn(batch, h, seqlen, head_dim, generator=generator).to(device, dtype)  # noqa: E731
-    q, k, v = (make(h).requires_grad_() for h in (heads, kv_heads, kv_heads))
-    dout = make(heads)
     mask = window_mask(seqlen, seqlen, (window, 0), "top_left", device)  # causal: nothing right of the diagonal
-
-    def step_of(fn):
-        def step():
-            out = fn(q, k, v, mask)
-            return (out, *torch.autograd.grad(out, (q, k, v), dout))
-        return step
-
+    step_of = attention_steps(batch, heads, kv_heads, seqlen, head_dim, dtype, device, mask)
     pairs = sum(min(i, window) + 1 for i in range(seqlen))  # visible (query, key) pairs per head
     reference = "sdpa-mask" if long else "eager"
     check_then_time(

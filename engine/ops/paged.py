@@ -152,6 +152,6 @@ def flash_attn_with_kvcache(
 
         from engine.ops.attention import NO_WINDOW
 
-        out, lse = library.paged_attention(q, k_cache, v_cache, block_table, lengths.to(torch.int32), scale, causal,
+        out, lse = library.paged_attention(q, k_cache, v_cache, block_table, lengths, scale, causal,
                                            *(NO_WINDOW if window is None else window), softcap, alibi_slopes, sinks)
     return (out, lse) if return_lse else out

@@ -249,10 +249,10 @@ def decode_forward(q, k, v, out, lse, mask, mask_strides, meta: dict, scale: flo
 
 
 def paged_attention_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                  cache_seqlens: torch.Tensor, *, scale: float, causal: bool = True,
-                  window: tuple[int, int] | None = None, softcap: float = 0.0,
-                  alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                  validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            cache_seqlens: torch.Tensor, *, scale: float, causal: bool = True,
+                            window: tuple[int, int] | None = None, softcap: float = 0.0,
+                            alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                            validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Hq, Sq, D), each sequence's last Sq positions, over a paged cache: pages
     k_cache, v_cache (num_pages, page_size, Hkv, D); sequence b's positions [0, cache_seqlens[b])
     in pages block_table[b, :] (int32, (B, pages per sequence)), read where they lie. Causal,

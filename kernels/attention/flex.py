@@ -101,7 +101,6 @@ class Flex:
 
     def __init__(self, score_mod=None, score_grad=None, score_args: tuple = (), mask_mod=None, mask_args: tuple = (),
                  block_size: int = 0, rows: tuple | None = None, cols: tuple | None = None):
-        self.score_mod, self.mask_mod, self.block_size = score_mod, mask_mod, block_size
         score_args, mask_args = tuple(score_args), tuple(mask_args)
         self.args = (score_args, mask_args, sparse_args(*rows) if block_size else None)
         self.key_args = (score_args, mask_args, sparse_args(*cols) if block_size else None)
